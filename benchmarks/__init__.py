@@ -1,0 +1,1 @@
+"""loopserve.benchmarks."""

@@ -1,0 +1,121 @@
+"""The loop plan: which block of layers loops, and how often it may.
+
+One type, used by the engine, the vLLM model, the FLOPs model and the HTTP layer, so
+that "what runs for loops=k" is decided in exactly one place. Torch-free on purpose:
+the HTTP layer validates against it without importing the model stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+DEFAULT_BLOCK_SIZE = 4
+LOOPS_KEY = "loops"
+
+
+class LoopPlanError(ValueError):
+    """A loop plan or a loop count that cannot run; the message says why."""
+
+
+def default_block(num_layers: int, size: int = DEFAULT_BLOCK_SIZE) -> tuple[int, int]:
+    """The middle `size` layers: the block the seed paper loops in depth-grown models."""
+    if num_layers < 1:
+        raise LoopPlanError(f"a model needs at least one layer, got {num_layers}")
+    size = min(size, num_layers)
+    start = (num_layers - size) // 2
+    return start, start + size
+
+
+def parse_block(text: str) -> tuple[int, int]:
+    """Parse `START:END` (0-indexed, END exclusive) as given on the command line."""
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+        raise LoopPlanError(f"loop block must look like START:END (e.g. 13:17), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    """Block `[start, end)` of a `num_layers` model runs `k` times, `1 <= k <= max_loops`."""
+
+    num_layers: int
+    start: int
+    end: int
+    max_loops: int = 4
+    default_loops: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "start", "end", "max_loops", "default_loops"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise LoopPlanError(f"{name} must be an integer, got {value!r}")
+        if not 0 <= self.start < self.end <= self.num_layers:
+            raise LoopPlanError(
+                f"loop block [{self.start}, {self.end}) must satisfy "
+                f"0 <= start < end <= num_layers ({self.num_layers})"
+            )
+        if self.max_loops < 1:
+            raise LoopPlanError(f"max_loops must be >= 1, got {self.max_loops}")
+        if not 1 <= self.default_loops <= self.max_loops:
+            raise LoopPlanError(
+                f"default_loops must be in [1, max_loops={self.max_loops}], "
+                f"got {self.default_loops}"
+            )
+
+    @classmethod
+    def for_model(
+        cls,
+        num_layers: int,
+        block: tuple[int, int] | None = None,
+        max_loops: int = 4,
+        default_loops: int = 1,
+    ) -> LoopPlan:
+        start, end = block if block is not None else default_block(num_layers)
+        return cls(num_layers, start, end, max_loops, default_loops)
+
+    @property
+    def block_size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def num_attention_planes(self) -> int:
+        """KV planes to allocate: one per executed (layer, pass) at k = max_loops."""
+        return self.executed_depth(self.max_loops)
+
+    def executed_depth(self, loops: int) -> int:
+        """Layers a token runs through with `loops` passes of the block."""
+        return self.num_layers + (loops - 1) * self.block_size
+
+    def executed_layers(self, loops: int) -> list[int]:
+        """Layer indices in execution order: prelude, block x loops, coda."""
+        block = list(range(self.start, self.end))
+        return list(range(self.start)) + block * loops + list(range(self.end, self.num_layers))
+
+    def check_loops(self, loops: Any) -> int:
+        """Validate a requested loop count; return it as an int."""
+        if isinstance(loops, bool) or not isinstance(loops, int):
+            raise LoopPlanError(f"'{LOOPS_KEY}' must be an integer, got {loops!r}")
+        if not 1 <= loops <= self.max_loops:
+            raise LoopPlanError(
+                f"'{LOOPS_KEY}' must be between 1 and max_loops={self.max_loops}, got {loops}"
+            )
+        return loops
+
+    def loops_of(self, extra_args: dict[str, Any] | None) -> int:
+        """The loop count a request asked for in `SamplingParams.extra_args`."""
+        if not extra_args or LOOPS_KEY not in extra_args:
+            return self.default_loops
+        return self.check_loops(extra_args[LOOPS_KEY])
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoopPlan:
+        return cls(**data)
+
+
+def loop_cache_salt(salt: str | None, loops: int) -> str:
+    """Prefix-cache salt that keeps KV computed at different loop counts apart."""
+    return f"{salt}|loops={loops}" if salt else f"loops={loops}"

@@ -1,0 +1,165 @@
+"""The only module that touches vLLM internals; loaded in every vLLM process as a plugin.
+
+vLLM has no public way to hand a model per-request data at each step, nor to keep
+prefix-cache entries of different depths apart, so loopserve hooks four private places.
+Each is checked against the vLLM release it was written for: on another release this
+module fails at import with a message naming what to check, rather than run silently
+wrong.
+
+1. Config (`MODELS_CONFIG_MAP`): for the looped architecture turn torch.compile and
+   CUDA graphs off (a data-dependent pass loop would be frozen at the traced trip count),
+   keep the V1 model runner (the hook in 2 lives there), refuse pipeline parallelism.
+2. Model runner (`GPUModelRunner._model_forward`, `_dummy_run`; the CPU runner inherits
+   them): publish per-token loop counts for the step, from each request's
+   `SamplingParams.extra_args["loops"]`; dummy/profile runs use `max_loops`.
+3. Engine core (`Request.from_engine_core_request`): fold the loop count into the
+   request's prefix-cache salt, so KV computed at one depth is never reused at another.
+4. Registry: `ModelRegistry.register_model` (public) for the architecture itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import vllm
+
+from loopserve.server.loop_plan import LOOPS_KEY, LoopPlan, loop_cache_salt
+
+SUPPORTED_VLLM = "0.32."
+MODEL_CLASS = "loopserve.server.looped_llama:LoopedLlamaForCausalLM"
+ARCHITECTURE = "LoopedLlamaForCausalLM"
+
+logger = logging.getLogger("loopserve")
+
+if not vllm.__version__.startswith(SUPPORTED_VLLM):
+    raise ImportError(
+        f"loopserve's vLLM hooks were written for vLLM {SUPPORTED_VLLM}x, found "
+        f"{vllm.__version__}; check vllm_hooks.py against the new release before use"
+    )
+
+from vllm.model_executor.models.config import (  # noqa: E402
+    MODELS_CONFIG_MAP,
+    VerifyAndUpdateConfig,
+)
+from vllm.v1.request import Request  # noqa: E402
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402
+
+for _owner, _name in (
+    (GPUModelRunner, "_model_forward"),
+    (GPUModelRunner, "_dummy_run"),
+    (GPUModelRunner, "get_model"),
+    (Request, "from_engine_core_request"),
+):
+    if not hasattr(_owner, _name):
+        raise ImportError(
+            f"vLLM {vllm.__version__} has no {_owner.__name__}.{_name}: loopserve's hooks "
+            "do not fit this release"
+        )
+
+
+class LoopedModelConfig(VerifyAndUpdateConfig):
+    """Config hook vLLM calls while building the VllmConfig of the looped architecture."""
+
+    @staticmethod
+    def verify_and_update_config(vllm_config: Any) -> None:
+        if vllm_config.parallel_config.pipeline_parallel_size > 1:
+            raise ValueError(
+                "loopserve: pipeline parallelism is not supported (the looped block must "
+                "stay inside one stage); use tensor parallelism instead"
+            )
+        model_config = vllm_config.model_config
+        if not model_config.enforce_eager:
+            logger.warning(
+                "loopserve: running the looped model eagerly (torch.compile and CUDA graphs "
+                "off): its pass loop depends on each batch's loop counts, which a compiled "
+                "graph or a captured CUDA graph would freeze"
+            )
+            model_config.enforce_eager = True
+        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "") in ("1", "true", "True"):
+            raise ValueError(
+                "loopserve: the looped model needs vLLM's V1 model runner; "
+                "unset VLLM_USE_V2_MODEL_RUNNER"
+            )
+        if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
+            logger.info("loopserve: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
+
+def _looped_model(runner: Any) -> Any | None:
+    model = runner.get_model()
+    return model if hasattr(model, "looping") and hasattr(model, "loop_plan") else None
+
+
+def _step_token_loops(runner: Any, plan: LoopPlan, num_tokens: int) -> np.ndarray:
+    """Per-token loop counts of the scheduled batch, padding rows at 1."""
+    num_reqs = runner.input_batch.num_reqs
+    per_request = [
+        plan.loops_of(runner.requests[req_id].sampling_params.extra_args)
+        for req_id in runner.input_batch.req_ids[:num_reqs]
+    ]
+    counts = np.diff(runner.query_start_loc.np[: num_reqs + 1])
+    token_loops = np.ones(num_tokens, dtype=np.int64)
+    token_loops[: int(counts.sum())] = np.repeat(per_request, counts)
+    return token_loops
+
+
+def _wrap_model_forward(original):
+    @functools.wraps(original)
+    def _model_forward(self, input_ids=None, positions=None, *args, **kwargs):
+        model = _looped_model(self)
+        if model is None:
+            return original(self, input_ids, positions, *args, **kwargs)
+        num_tokens = positions.shape[-1]
+        with model.looping(_step_token_loops(self, model.loop_plan, num_tokens)):
+            return original(self, input_ids, positions, *args, **kwargs)
+
+    return _model_forward
+
+
+def _wrap_dummy_run(original):
+    @functools.wraps(original)
+    def _dummy_run(self, num_tokens, *args, **kwargs):
+        model = _looped_model(self)
+        if model is None:
+            return original(self, num_tokens, *args, **kwargs)
+        worst_case = np.full(num_tokens, model.loop_plan.max_loops, dtype=np.int64)
+        with model.looping(worst_case):
+            return original(self, num_tokens, *args, **kwargs)
+
+    return _dummy_run
+
+
+def _wrap_from_engine_core_request(original):
+    @functools.wraps(original)
+    def from_engine_core_request(cls, request, block_hasher):
+        params = request.sampling_params
+        extra = params.extra_args if params is not None else None
+        if extra and LOOPS_KEY in extra:
+            request.cache_salt = loop_cache_salt(request.cache_salt, extra[LOOPS_KEY])
+        return original.__func__(cls, request, block_hasher)
+
+    return classmethod(from_engine_core_request)
+
+
+_installed = False
+
+
+def register() -> None:
+    """vLLM plugin entry point (`vllm.general_plugins`): idempotent, runs in every process."""
+    global _installed
+    if _installed:
+        return
+    from vllm import ModelRegistry
+
+    ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    MODELS_CONFIG_MAP[ARCHITECTURE] = LoopedModelConfig
+    GPUModelRunner._model_forward = _wrap_model_forward(GPUModelRunner._model_forward)
+    GPUModelRunner._dummy_run = _wrap_dummy_run(GPUModelRunner._dummy_run)
+    Request.from_engine_core_request = _wrap_from_engine_core_request(
+        Request.__dict__["from_engine_core_request"]
+    )
+    _installed = True

@@ -1,0 +1,286 @@
+"""The loop step: Triton (interpreted on CPU) and PyTorch versions against a float64 reference.
+
+TRITON_INTERPRET=1 is set by a module-scoped fixture, not at import: loop_step.py wraps its
+kernel with triton.jit on first use (that is when triton reads the variable), so setting it
+before the first kernel call suffices, and scoping it (plus clearing the cached kernel on both
+sides) keeps the interpreter from leaking into other modules of a session on a GPU host, e.g.
+into a vLLM engine subprocess, which would inherit a process-wide TRITON_INTERPRET. A
+subprocess per case would be as reliable but pay triton's import (seconds) each time.
+"""
+
+import importlib
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+from loopserve.kernels import LoopStepOutput
+
+# The package exports the function `loop_step`, which shadows the submodule's attribute name.
+ls = importlib.import_module("loopserve.kernels.loop_step")
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+DTYPES = list(TOL)
+HIDDEN = [1, 33, 576, 960, 1000, 2048, 4096]
+# (rows, which continue): empty, single row, and many rows with all / none / some continuing.
+SHAPES = [(0, "none"), (1, "all"), (1, "none"), (37, "all"), (37, "none"), (37, "some")]
+SPARE_ROWS = 5  # out_* rows no input row refers to: they must come back untouched
+
+
+@pytest.fixture(autouse=True, scope="module")
+def triton_interpreter() -> Iterator[None]:
+    """Triton kernels of this module run in the interpreter, on CPU tensors."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        ls._jit_kernel.cache_clear()
+        yield
+        ls._jit_kernel.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def interpreter_rounds_bf16_like_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32->bf16 in the interpreter as on GPUs (cvt.rn.bf16.f32): round to nearest even.
+
+    Triton 3.9's interpreter truncates by default, and its RTNE branch rounds ties up without
+    carrying into the exponent; without this the bf16 bitwise checks would test the interpreter.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    convert = interpreter._convert_float
+
+    def convert_rtne(data, src, dst, rounding_mode):
+        if src == tl.float32 and dst == tl.bfloat16:
+            x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+            return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return convert(data, src, dst, rounding_mode)
+
+    monkeypatch.setattr(interpreter, "_convert_float", convert_rtne)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fresh Triton outputs start as NaN, so any element the kernel skips shows up."""
+
+    def alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(ls, "_alloc", alloc)
+
+
+@dataclass
+class Case:
+    hidden: torch.Tensor
+    residual: torch.Tensor
+    prev_stream: torch.Tensor
+    rows: torch.Tensor
+    next_slot: torch.Tensor
+    num_next: int
+    weight: torch.Tensor
+    eps: float
+    num_out: int
+
+    def to(self, dtype: torch.dtype) -> "Case":
+        """The same case with float tensors in `dtype` (float64: the reference)."""
+        return Case(
+            self.hidden.to(dtype),
+            self.residual.to(dtype),
+            self.prev_stream.to(dtype),
+            self.rows,
+            self.next_slot,
+            self.num_next,
+            self.weight.to(dtype),
+            self.eps,
+            self.num_out,
+        )
+
+
+def make_case(seed: int, m: int, h: int, dtype: torch.dtype, cont: str) -> Case:
+    """Random inputs; row 1 (when present) sums to zero to exercise ||x|| == 0."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(m, h, generator=g)
+    residual = 2 * torch.randn(m, h, generator=g)
+    if m > 1:
+        hidden[1] = -residual[1]
+    prev = hidden + residual + 0.3 * torch.randn(m, h, generator=g)
+    n = m + SPARE_ROWS
+    rows = torch.randperm(n, generator=g)[:m]
+    if cont == "all":
+        continuing = torch.ones(m, dtype=torch.bool)
+    elif cont == "none":
+        continuing = torch.zeros(m, dtype=torch.bool)
+    else:
+        continuing = torch.rand(m, generator=g) < 0.5
+        continuing[0], continuing[-1] = True, False
+    num_next = int(continuing.sum())
+    slot_dtype = torch.int32 if seed % 2 else torch.int64
+    next_slot = torch.full((m,), -1, dtype=slot_dtype)
+    next_slot[continuing] = torch.randperm(num_next, generator=g).to(slot_dtype)
+    weight = 1 + 0.1 * torch.randn(h, generator=g)
+    return Case(
+        hidden.to(dtype), residual.to(dtype), prev.to(dtype), rows, next_slot, num_next,
+        weight.to(dtype), 1e-6 if seed % 3 else 1e-5, n,
+    )
+
+
+def run(impl, case: Case) -> tuple[LoopStepOutput, torch.Tensor, torch.Tensor]:
+    """Run `impl` on NaN-poisoned full-batch buffers; returns the output and both buffers."""
+    shape, dtype = (case.num_out, case.hidden.shape[1]), case.hidden.dtype
+    out_hidden = torch.full(shape, float("nan"), dtype=dtype)
+    out_residual = torch.full(shape, float("nan"), dtype=dtype)
+    out = impl(
+        case.hidden, case.residual, case.prev_stream, case.rows, case.next_slot, case.num_next,
+        case.weight, case.eps, out_hidden, out_residual,
+    )
+    return out, out_hidden, out_residual
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|a - ref| / max|ref| (absolute when ref is all zero); NaN anywhere fails the bound."""
+    assert a.shape == ref.shape
+    if a.numel() == 0:
+        return 0.0
+    err = (a.double() - ref.double()).abs().max()
+    scale = ref.double().abs().max()
+    return float(err / scale if scale > 0 else err)
+
+
+def check(impl, case: Case) -> LoopStepOutput:
+    """Everything the contract promises, against the float64 reference."""
+    m, h = case.hidden.shape
+    dtype = case.hidden.dtype
+    out, out_hidden, out_residual = run(impl, case)
+    ref, _, _ = run(ls.loop_step_torch, case.to(torch.float64))
+
+    assert out.next_hidden.shape == out.next_residual.shape == (case.num_next, h)
+    assert out.next_hidden.dtype == out.next_residual.dtype == dtype
+    assert out.update_ratio.shape == (m,) and out.update_ratio.dtype == torch.float32
+    tol = TOL[dtype]
+    assert rel_err(out.next_hidden, ref.next_hidden) < tol
+    assert rel_err(out.next_residual, ref.next_residual) < tol
+    assert rel_err(out.update_ratio, ref.update_ratio) < tol
+    if m > 1:
+        assert out.update_ratio[1] == 0  # x == 0 in row 1
+
+    # Finished rows: bit copies at their batch row; every other buffer row untouched (NaN).
+    finished = case.next_slot < 0
+    dst = case.rows[finished]
+    assert torch.equal(out_hidden[dst], case.hidden[finished])
+    assert torch.equal(out_residual[dst], case.residual[finished])
+    untouched = torch.ones(case.num_out, dtype=torch.bool)
+    untouched[dst] = False
+    assert out_hidden[untouched].isnan().all() and out_residual[untouched].isnan().all()
+
+    # next_residual is x rounded once: bitwise whatever the implementation.
+    x = case.hidden.float() + case.residual.float()
+    expect = torch.empty(case.num_next, h, dtype=dtype)
+    expect[case.next_slot[~finished].long()] = x[~finished].to(dtype)
+    assert torch.equal(out.next_residual, expect)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("h", HIDDEN)
+@pytest.mark.parametrize(("m", "cont"), SHAPES)
+def test_triton_matches_reference(dtype: torch.dtype, h: int, m: int, cont: str) -> None:
+    case = make_case(zlib.crc32(f"{h}-{m}-{cont}-{dtype}".encode()), m, h, dtype, cont)
+    out = check(ls.loop_step_triton, case)
+    torch_out, _, _ = run(ls.loop_step_torch, case)
+    assert rel_err(out.next_hidden, torch_out.next_hidden) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("h", HIDDEN)
+@pytest.mark.parametrize(("m", "cont"), SHAPES)
+def test_torch_matches_reference(dtype: torch.dtype, h: int, m: int, cont: str) -> None:
+    check(ls.loop_step_torch, make_case(h * 1000 + m + len(cont), m, h, dtype, cont))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("h", "max_block"), [(33, 16), (1000, 256), (4096, 1024)])
+@pytest.mark.parametrize("cont", ["all", "none", "some"])
+def test_triton_chunked_rows(dtype: torch.dtype, h: int, max_block: int, cont: str) -> None:
+    """Rows wider than the register block take the two-pass chunk loop."""
+    case = make_case(h + max_block + len(cont), 9, h, dtype, cont)
+    check(lambda *args: ls.loop_step_triton(*args, max_block=max_block), case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_is_vllm_fused_add_rms_norm_bitwise(dtype: torch.dtype) -> None:
+    """The exact formula of vLLM's native fused_add_rms_norm, row by row, in slot order."""
+    case = make_case(7, 37, 960, dtype, "some")
+    out, _, _ = run(ls.loop_step_torch, case)
+    x32 = case.hidden.to(torch.float32) + case.residual.to(torch.float32)
+    x_residual = x32.to(dtype)
+    var = x32.pow(2).mean(dim=-1, keepdim=True)
+    normed = x32 * torch.rsqrt(var + case.eps)
+    normed = (normed.to(case.weight.dtype) * case.weight).to(dtype)
+    order = torch.argsort(case.next_slot)[case.hidden.shape[0] - case.num_next :]
+    assert torch.equal(out.next_residual, x_residual[order])
+    assert torch.equal(out.next_hidden, normed[order])
+
+
+def test_fp32_weight_with_bf16_stream() -> None:
+    """The weight may be kept in another dtype than the stream: the norm follows its dtype."""
+    case = make_case(11, 37, 576, torch.bfloat16, "some")
+    case.weight = case.weight.float()
+    triton_out = check(ls.loop_step_triton, case)
+    torch_out = check(ls.loop_step_torch, case)
+    assert rel_err(triton_out.next_hidden, torch_out.next_hidden) < TOL[torch.bfloat16]
+
+
+def test_strided_rows() -> None:
+    """Inputs that are column slices of wider tensors (row stride > H) are read correctly."""
+    case = make_case(5, 37, 576, torch.float32, "some")
+    for name in ("hidden", "residual", "prev_stream"):
+        wide = torch.zeros(37, 1000)
+        wide[:, 100:676] = getattr(case, name)
+        setattr(case, name, wide[:, 100:676])
+    check(ls.loop_step_triton, case)
+
+
+def test_rejects_mismatched_shapes() -> None:
+    case = make_case(3, 4, 33, torch.float32, "some")
+    case.weight = case.weight[:-1]
+    with pytest.raises(ValueError, match="weight"):
+        run(ls.loop_step_torch, case)
+
+
+def test_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One decision point: env override first, then Triton on CUDA, torch otherwise."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv(ls.KERNEL_ENV, raising=False)
+    assert ls.kernel_backend(cpu) == "torch"
+    assert ls.kernel_backend(cuda) == "triton"
+    monkeypatch.setenv(ls.KERNEL_ENV, "torch")
+    assert ls.kernel_backend(cuda) == "torch"
+    monkeypatch.setenv(ls.KERNEL_ENV, "triton")
+    assert ls.kernel_backend(cpu) == "triton"
+    monkeypatch.setenv(ls.KERNEL_ENV, "cuda")
+    with pytest.raises(ValueError, match=ls.KERNEL_ENV):
+        ls.kernel_backend(cpu)
+
+
+@pytest.mark.parametrize("forced", [None, "torch", "triton"])
+def test_loop_step_routes(monkeypatch: pytest.MonkeyPatch, forced: str | None) -> None:
+    """`loop_step` calls the chosen implementation, and its result is that implementation's."""
+    if forced is None:
+        monkeypatch.delenv(ls.KERNEL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(ls.KERNEL_ENV, forced)
+    called: list[str] = []
+    for name in ("loop_step_torch", "loop_step_triton"):
+        real = getattr(ls, name)
+
+        def spy(*args, _real=real, _name=name):
+            called.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(ls, name, spy)
+    case = make_case(13, 9, 33, torch.float32, "some")
+    out = check(ls.loop_step, case)
+    expected = "loop_step_triton" if forced == "triton" else "loop_step_torch"
+    assert called[0] == expected
+    assert isinstance(out, LoopStepOutput)
