@@ -7,8 +7,8 @@ prefix. Any KV or batching mistake in the served model shows up as a token misma
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn

@@ -1,24 +1,46 @@
 """The loop step: Triton (interpreted on CPU) and PyTorch versions against a float64 reference.
 
-TRITON_INTERPRET=1 is set by a module-scoped fixture, not at import: loop_step.py wraps its
-kernel with triton.jit on first use (that is when triton reads the variable), so setting it
-before the first kernel call suffices, and scoping it (plus clearing the cached kernel on both
-sides) keeps the interpreter from leaking into other modules of a session on a GPU host, e.g.
-into a vLLM engine subprocess, which would inherit a process-wide TRITON_INTERPRET. A
-subprocess per case would be as reliable but pay triton's import (seconds) each time.
+Triton reads TRITON_INTERPRET when a function is wrapped by triton.jit, and triton.language's
+own helpers (tl.sum, ...) are wrapped when triton is imported: so the variable is set here,
+before anything below imports triton, and restored right after, so that modules collected
+later and the processes they start (a vLLM engine) do not inherit it. It is set again only
+while this module's tests run (loop_step.py wraps its kernel on first use; the cached kernel
+is cleared on both sides). Two cases keep this process in compiled mode instead: triton was
+already imported (another module imported vLLM first), or a GPU is present (vLLM's Triton
+kernels in this process must stay compiled). Then the Triton tests skip here and
+test_triton_in_subprocess reruns this file in a fresh process with the variable set.
 """
 
 import importlib
+import os
+import subprocess
+import sys
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 import torch
-from loopserve.kernels import LoopStepOutput
 
-# The package exports the function `loop_step`, which shadows the submodule's attribute name.
-ls = importlib.import_module("loopserve.kernels.loop_step")
+_ENV = "TRITON_INTERPRET"
+_saved = os.environ.get(_ENV)
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ[_ENV] = "1"
+try:
+    from loopserve.kernels import LoopStepOutput  # imports triton
+
+    # The package exports the function `loop_step`, which shadows the submodule's name.
+    ls = importlib.import_module("loopserve.kernels.loop_step")
+    INTERPRETED = os.environ.get(_ENV) == "1"  # triton.language was wrapped for the interpreter
+finally:
+    if _saved is None:
+        os.environ.pop(_ENV, None)
+    else:
+        os.environ[_ENV] = _saved
+
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETED, reason="triton runs compiled in this process: see test_triton_in_subprocess"
+)
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 DTYPES = list(TOL)
@@ -30,9 +52,10 @@ SPARE_ROWS = 5  # out_* rows no input row refers to: they must come back untouch
 
 @pytest.fixture(autouse=True, scope="module")
 def triton_interpreter() -> Iterator[None]:
-    """Triton kernels of this module run in the interpreter, on CPU tensors."""
+    """The loop-step kernel of this module's tests is wrapped for the interpreter (CPU tensors)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
+        if INTERPRETED:
+            mp.setenv(_ENV, "1")
         ls._jit_kernel.cache_clear()
         yield
         ls._jit_kernel.cache_clear()
@@ -120,8 +143,15 @@ def make_case(seed: int, m: int, h: int, dtype: torch.dtype, cont: str) -> Case:
     next_slot[continuing] = torch.randperm(num_next, generator=g).to(slot_dtype)
     weight = 1 + 0.1 * torch.randn(h, generator=g)
     return Case(
-        hidden.to(dtype), residual.to(dtype), prev.to(dtype), rows, next_slot, num_next,
-        weight.to(dtype), 1e-6 if seed % 3 else 1e-5, n,
+        hidden.to(dtype),
+        residual.to(dtype),
+        prev.to(dtype),
+        rows,
+        next_slot,
+        num_next,
+        weight.to(dtype),
+        1e-6 if seed % 3 else 1e-5,
+        n,
     )
 
 
@@ -131,8 +161,16 @@ def run(impl, case: Case) -> tuple[LoopStepOutput, torch.Tensor, torch.Tensor]:
     out_hidden = torch.full(shape, float("nan"), dtype=dtype)
     out_residual = torch.full(shape, float("nan"), dtype=dtype)
     out = impl(
-        case.hidden, case.residual, case.prev_stream, case.rows, case.next_slot, case.num_next,
-        case.weight, case.eps, out_hidden, out_residual,
+        case.hidden,
+        case.residual,
+        case.prev_stream,
+        case.rows,
+        case.next_slot,
+        case.num_next,
+        case.weight,
+        case.eps,
+        out_hidden,
+        out_residual,
     )
     return out, out_hidden, out_residual
 
@@ -181,6 +219,7 @@ def check(impl, case: Case) -> LoopStepOutput:
     return out
 
 
+@needs_interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("h", HIDDEN)
 @pytest.mark.parametrize(("m", "cont"), SHAPES)
@@ -198,6 +237,7 @@ def test_torch_matches_reference(dtype: torch.dtype, h: int, m: int, cont: str) 
     check(ls.loop_step_torch, make_case(h * 1000 + m + len(cont), m, h, dtype, cont))
 
 
+@needs_interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("h", "max_block"), [(33, 16), (1000, 256), (4096, 1024)])
 @pytest.mark.parametrize("cont", ["all", "none", "some"])
@@ -222,6 +262,7 @@ def test_torch_is_vllm_fused_add_rms_norm_bitwise(dtype: torch.dtype) -> None:
     assert torch.equal(out.next_hidden, normed[order])
 
 
+@needs_interpreter
 def test_fp32_weight_with_bf16_stream() -> None:
     """The weight may be kept in another dtype than the stream: the norm follows its dtype."""
     case = make_case(11, 37, 576, torch.bfloat16, "some")
@@ -231,6 +272,7 @@ def test_fp32_weight_with_bf16_stream() -> None:
     assert rel_err(triton_out.next_hidden, torch_out.next_hidden) < TOL[torch.bfloat16]
 
 
+@needs_interpreter
 def test_strided_rows() -> None:
     """Inputs that are column slices of wider tensors (row stride > H) are read correctly."""
     case = make_case(5, 37, 576, torch.float32, "some")
@@ -263,7 +305,7 @@ def test_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
         ls.kernel_backend(cpu)
 
 
-@pytest.mark.parametrize("forced", [None, "torch", "triton"])
+@pytest.mark.parametrize("forced", [None, "torch", pytest.param("triton", marks=needs_interpreter)])
 def test_loop_step_routes(monkeypatch: pytest.MonkeyPatch, forced: str | None) -> None:
     """`loop_step` calls the chosen implementation, and its result is that implementation's."""
     if forced is None:
@@ -284,3 +326,16 @@ def test_loop_step_routes(monkeypatch: pytest.MonkeyPatch, forced: str | None) -
     expected = "loop_step_triton" if forced == "triton" else "loop_step_torch"
     assert called[0] == expected
     assert isinstance(out, LoopStepOutput)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the Triton tests ran in this process")
+def test_triton_in_subprocess() -> None:
+    """This file again in a fresh process with TRITON_INTERPRET=1, where nothing skips."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env={**os.environ, _ENV: "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from loopserve.benchmarks import tasks
 from loopserve.benchmarks.tasks import (
     TASKS,

@@ -1,0 +1,50 @@
+"""Shared fixtures: the real default model, started once per test run."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# vLLM writes compile caches under ~/.cache/vllm and sizes its CPU KV cache from this;
+# both must be set before vLLM is imported anywhere in the test process.
+os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="loopserve-vllm-cache-"))
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    from loopserve.server.default_model import default_model_path
+
+    return str(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def reference(model_path):
+    from loopserve.server.loop_plan import LoopPlan
+    from loopserve.server.reference import UnrolledReference
+
+    return UnrolledReference(model_path, LoopPlan.for_model(30))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def start_llm(model_path: str, **config):
+    """A vLLM `LLM` on the looped model (the offline API, same plugin and hooks)."""
+    from vllm import LLM
+
+    from loopserve.server.engine import EngineConfig, vllm_engine_kwargs
+
+    config = {"dtype": "float32", "max_model_len": 1024, **config}
+    kwargs, _ = vllm_engine_kwargs(EngineConfig(model=model_path, **config))
+    return LLM(**kwargs)
+
+
+def stop_llm(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()

@@ -1,0 +1,174 @@
+"""The looped model inside a real vLLM engine, on the real default model, in fp32.
+
+Exactness is asserted as greedy token equality: against stock vLLM for k=1, against the
+unrolled transformers oracle for k>1, against solo runs for mixed batches.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import start_llm, stop_llm
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "Question: What is 12 + 7?\nAnswer:",
+    "The three primary colors are",
+    "import numpy as np\n\nx = np.",
+]
+MAX_TOKENS = 16
+# Long enough to span several KV blocks and, at 64 tokens per step, several prefill chunks.
+LONG_PROMPT = (
+    "Here is a short story about a lighthouse keeper named Ada who lived alone on a rocky "
+    "island. Every night she climbed the spiral stairs, lit the great lamp and watched the "
+    "ships pass safely in the dark. One stormy evening a small fishing boat lost its way "
+    "and Ada had to decide whether to leave her post to help. The wind howled, the waves "
+    "crashed against the rocks, and the beam of the lamp swept across the black water again "
+    "and again. She thought of her father, who had kept the light before her, and of the "
+    "promise she had made to him. Then she saw a flare rise from the boat. She"
+)
+
+
+def greedy(loops: int, max_tokens: int = MAX_TOKENS):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args={"loops": loops})
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def stock_k1(model_path):
+    """Stock vLLM (stock Llama, no plugin model) greedy outputs, engine stopped afterwards."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model_path, dtype="float32", max_model_len=1024, seed=0)
+    try:
+        outputs = llm.generate(
+            PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False
+        )
+        return token_ids(outputs)
+    finally:
+        stop_llm(llm)
+
+
+@pytest.fixture(scope="module")
+def looped(model_path, stock_k1):
+    """Looped model: prefix caching on, 64-token steps so long prompts prefill in chunks."""
+    llm = start_llm(model_path, enforce_eager=True, max_num_batched_tokens=64)
+    yield llm
+    stop_llm(llm)
+
+
+def test_k1_equals_stock_vllm(looped, stock_k1):
+    assert token_ids(looped.generate(PROMPTS, greedy(1), use_tqdm=False)) == stock_k1
+
+
+@pytest.mark.parametrize("loops", [2, 3, 4])
+def test_loops_equal_unrolled_reference(looped, reference, loops):
+    outputs = looped.generate(PROMPTS[:3], greedy(loops), use_tqdm=False)
+    for output in outputs:
+        got = list(output.outputs[0].token_ids)
+        want = reference.greedy(list(output.prompt_token_ids), loops, len(got))
+        assert got == want, (loops, output.prompt)
+
+
+def test_looping_changes_the_output(looped):
+    """Guards the oracle test against a model that ignores `loops` everywhere."""
+    by_loops = [token_ids(looped.generate(PROMPTS, greedy(k), use_tqdm=False)) for k in (1, 3)]
+    assert by_loops[0] != by_loops[1]
+
+
+def test_mixed_batch_equals_solo_runs(looped):
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    loops = [(i % 4) + 1 for i in range(len(prompts))]
+    mixed = looped.generate(
+        [{"prompt": p, "cache_salt": "mixed"} for p in prompts],
+        [greedy(k) for k in loops],
+        use_tqdm=False,
+    )
+    for prompt, k, output in zip(prompts, loops, mixed, strict=True):
+        solo = looped.generate([{"prompt": prompt, "cache_salt": "solo"}], greedy(k), use_tqdm=False)
+        assert token_ids(solo) == [list(output.outputs[0].token_ids)], (prompt, k)
+
+
+def test_chunked_prefill_equals_reference(looped, reference):
+    """LONG_PROMPT needs several 64-token steps; the oracle sees it whole."""
+    output = looped.generate([LONG_PROMPT], greedy(3), use_tqdm=False)[0]
+    assert len(output.prompt_token_ids) > 2 * 64
+    got = list(output.outputs[0].token_ids)
+    assert got == reference.greedy(list(output.prompt_token_ids), 3, len(got))
+
+
+@pytest.fixture(scope="module")
+def compiled_no_prefix_cache(model_path):
+    """vLLM's default compilation settings (the plugin must make them safe), no prefix cache."""
+    llm = start_llm(model_path, enforce_eager=False, enable_prefix_caching=False)
+    yield llm
+    stop_llm(llm)
+
+
+def run_prefix_order(llm, first: int, second: int):
+    """(LONG_PROMPT, first) then (LONG_PROMPT, second); returns the second output."""
+    llm.generate([LONG_PROMPT], greedy(first), use_tqdm=False)
+    return llm.generate([LONG_PROMPT], greedy(second), use_tqdm=False)[0]
+
+
+@pytest.fixture(scope="module")
+def prefix_cached_runs(model_path):
+    """Both orders on one prefix-caching engine, plus a same-k rerun to prove reuse happens."""
+    llm = start_llm(model_path, enforce_eager=True, enable_prefix_caching=True)
+    try:
+        k2_after_k3 = run_prefix_order(llm, 3, 2)
+        k3_after_k2 = run_prefix_order(llm, 2, 3)
+        k3_again = llm.generate([LONG_PROMPT], greedy(3), use_tqdm=False)[0]
+        return k2_after_k3, k3_after_k2, k3_again
+    finally:
+        stop_llm(llm)
+
+
+def test_prefix_cache_is_keyed_by_loops(prefix_cached_runs, compiled_no_prefix_cache):
+    k2_after_k3, k3_after_k2, k3_again = prefix_cached_runs
+    # A different k must not reuse the prefix; the same k must (else this test proves nothing).
+    assert k2_after_k3.num_cached_tokens == 0
+    assert k3_after_k2.num_cached_tokens == 0
+    assert k3_again.num_cached_tokens > 0
+    fresh = {
+        k: token_ids(compiled_no_prefix_cache.generate([LONG_PROMPT], greedy(k), use_tqdm=False))
+        for k in (2, 3)
+    }
+    assert token_ids([k2_after_k3]) == fresh[2]
+    assert token_ids([k3_after_k2]) == fresh[3]
+    assert token_ids([k3_again]) == fresh[3]
+
+
+def test_mixed_batch_exact_with_default_compilation(compiled_no_prefix_cache, reference):
+    # The plugin runs the looped model eagerly whatever was asked (vllm_hooks says why).
+    assert compiled_no_prefix_cache.llm_engine.vllm_config.model_config.enforce_eager
+    loops = [1, 2, 3, 4, 2, 1]
+    outputs = compiled_no_prefix_cache.generate(PROMPTS, [greedy(k) for k in loops], use_tqdm=False)
+    for k, output in zip(loops, outputs, strict=True):
+        got = list(output.outputs[0].token_ids)
+        assert got == reference.greedy(list(output.prompt_token_ids), k, len(got)), (k, output.prompt)
+
+
+def _forward_without_loop_counts(model) -> str:
+    import torch
+
+    from loopserve.server.looped_llama import MissingLoopCounts
+
+    try:
+        model.model(torch.tensor([1, 2]), torch.tensor([0, 1]))
+    except MissingLoopCounts as error:
+        return str(error)
+    return "no error"
+
+
+def test_batch_without_loop_counts_raises(compiled_no_prefix_cache):
+    [message] = compiled_no_prefix_cache.apply_model(_forward_without_loop_counts)
+    assert "without per-token loop counts" in message
