@@ -249,6 +249,7 @@ def loop_step_triton(
     max_block: int = MAX_BLOCK,
 ) -> LoopStepOutput:
     """The loop step as one Triton kernel (one program per row); `max_block` is for tests."""
+    kernel = _jit_kernel()  # raises ImportError first where triton is missing
     _check(
         hidden, residual, prev_stream, rows, next_slot, num_next, weight, out_hidden, out_residual
     )
@@ -263,7 +264,7 @@ def loop_step_triton(
         return LoopStepOutput(next_hidden, next_residual, update_ratio)
     hidden, residual, prev_stream = (_rows_contiguous(t) for t in (hidden, residual, prev_stream))
     block = min(triton.next_power_of_2(h), triton.next_power_of_2(max_block))
-    _jit_kernel()[(m,)](
+    kernel[(m,)](
         hidden,
         residual,
         prev_stream,

@@ -32,8 +32,11 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    loops: StrictInt | None = Field(
-        default=None, description="How many times the loop block runs per token (1..max_loops)."
+    # Absent means the server's default; an explicit null is an error like any non-integer.
+    loops: StrictInt = Field(
+        default=None,  # type: ignore[assignment]
+        description="How many times the loop block runs per token (1..max_loops); "
+        "absent: the server's --default-loops.",
     )
     vllm_xargs: dict[str, Any] | None = Field(
         default=None, description="vLLM-style extra arguments; `loops` may be given here."

@@ -1,0 +1,62 @@
+"""Start a real `loopserve serve` process on a free loopback port (tests, `bench` without --url)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    url: str
+    process: subprocess.Popen
+    log_path: str
+    health_codes: list[int] = field(default_factory=list)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(args: list[str], log_path: str, timeout: float = 300.0) -> ServerProcess:
+    port = free_port()
+    command = [sys.executable, "-m", "loopserve.server.cli", "serve", "--port", str(port), *args]
+    log = open(log_path, "w")  # noqa: SIM115 - the child writes to it for its whole life
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    server = ServerProcess(f"http://127.0.0.1:{port}", process, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()[-4000:]}")
+        try:
+            code = httpx.get(f"{server.url}/health", timeout=2).status_code
+            server.health_codes.append(code)
+            if code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    server.stop()
+    raise TimeoutError(f"server not healthy after {timeout}s:\n{server.log()[-4000:]}")
