@@ -16,7 +16,9 @@ def complete(args: argparse.Namespace) -> int:
     try:
         with _client(args) as client:
             for chunk in client.stream_complete(
-                args.prompt, loops=args.loops, max_tokens=args.max_tokens,
+                args.prompt,
+                loops=args.loops,
+                max_tokens=args.max_tokens,
                 temperature=args.temperature,
             ):
                 for choice in chunk.choices:
@@ -47,7 +49,9 @@ def chat(args: argparse.Namespace) -> int:
             reply = []
             try:
                 for chunk in client.stream_chat(
-                    messages, loops=args.loops, max_tokens=args.max_tokens,
+                    messages,
+                    loops=args.loops,
+                    max_tokens=args.max_tokens,
                     temperature=args.temperature,
                 ):
                     for choice in chunk.choices:

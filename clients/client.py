@@ -31,7 +31,9 @@ class LoopserveError(RuntimeError):
     def __init__(self, status: int, body: dict[str, Any]) -> None:
         self.status = status
         self.body = body
-        message = body.get("error", {}).get("message", str(body)) if isinstance(body, dict) else body
+        message = (
+            body.get("error", {}).get("message", str(body)) if isinstance(body, dict) else body
+        )
         super().__init__(f"HTTP {status}: {message}")
 
 
@@ -123,19 +125,22 @@ class LoopserveClient:
     def models(self) -> ModelList:
         return ModelList.model_validate(self._send("GET", "/v1/models").json())
 
-    def complete(self, prompt: str | list[int], *, loops: int | None = None, **fields: Any
-                 ) -> CompletionResponse:
+    def complete(
+        self, prompt: str | list[int], *, loops: int | None = None, **fields: Any
+    ) -> CompletionResponse:
         body = _payload(loops, False, {"prompt": prompt, **fields})
         return CompletionResponse.model_validate(self._send("POST", "/v1/completions", body).json())
 
-    def chat(self, messages: list[dict[str, Any]], *, loops: int | None = None, **fields: Any
-             ) -> ChatCompletionResponse:
+    def chat(
+        self, messages: list[dict[str, Any]], *, loops: int | None = None, **fields: Any
+    ) -> ChatCompletionResponse:
         body = _payload(loops, False, {"messages": messages, **fields})
         response = self._send("POST", "/v1/chat/completions", body)
         return ChatCompletionResponse.model_validate(response.json())
 
-    def stream_complete(self, prompt: str | list[int], *, loops: int | None = None, **fields: Any
-                        ) -> Iterator[CompletionResponse]:
+    def stream_complete(
+        self, prompt: str | list[int], *, loops: int | None = None, **fields: Any
+    ) -> Iterator[CompletionResponse]:
         body = _payload(loops, True, {"prompt": prompt, **fields})
         with self._http.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code >= 400:
@@ -144,8 +149,9 @@ class LoopserveClient:
             for event in _events(response.iter_lines()):
                 yield CompletionResponse.model_validate(event)
 
-    def stream_chat(self, messages: list[dict[str, Any]], *, loops: int | None = None,
-                    **fields: Any) -> Iterator[ChatCompletionChunk]:
+    def stream_chat(
+        self, messages: list[dict[str, Any]], *, loops: int | None = None, **fields: Any
+    ) -> Iterator[ChatCompletionChunk]:
         body = _payload(loops, True, {"messages": messages, **fields})
         with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
             if response.status_code >= 400:
@@ -196,20 +202,23 @@ class AsyncLoopserveClient:
     async def models(self) -> ModelList:
         return ModelList.model_validate((await self._send("GET", "/v1/models")).json())
 
-    async def complete(self, prompt: str | list[int], *, loops: int | None = None, **fields: Any
-                       ) -> CompletionResponse:
+    async def complete(
+        self, prompt: str | list[int], *, loops: int | None = None, **fields: Any
+    ) -> CompletionResponse:
         body = _payload(loops, False, {"prompt": prompt, **fields})
         response = await self._send("POST", "/v1/completions", body)
         return CompletionResponse.model_validate(response.json())
 
-    async def chat(self, messages: list[dict[str, Any]], *, loops: int | None = None,
-                   **fields: Any) -> ChatCompletionResponse:
+    async def chat(
+        self, messages: list[dict[str, Any]], *, loops: int | None = None, **fields: Any
+    ) -> ChatCompletionResponse:
         body = _payload(loops, False, {"messages": messages, **fields})
         response = await self._send("POST", "/v1/chat/completions", body)
         return ChatCompletionResponse.model_validate(response.json())
 
-    async def stream_complete(self, prompt: str | list[int], *, loops: int | None = None,
-                              **fields: Any) -> AsyncIterator[CompletionResponse]:
+    async def stream_complete(
+        self, prompt: str | list[int], *, loops: int | None = None, **fields: Any
+    ) -> AsyncIterator[CompletionResponse]:
         body = _payload(loops, True, {"prompt": prompt, **fields})
         async with self._http.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code >= 400:

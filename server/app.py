@@ -218,15 +218,19 @@ def create_app(engine_factory: Callable[[], LoopEngine], settings: ServerSetting
     async def models() -> ModelList:
         engine = holder.ready().engine
         plan = engine.plan
-        return ModelList(data=[ModelCard(
-            id=engine.info.name,
-            created=int(time.time()),
-            max_model_len=engine.max_model_len,
-            num_layers=plan.num_layers,
-            loop_block=(plan.start, plan.end),
-            max_loops=plan.max_loops,
-            default_loops=plan.default_loops,
-        )])
+        return ModelList(
+            data=[
+                ModelCard(
+                    id=engine.info.name,
+                    created=int(time.time()),
+                    max_model_len=engine.max_model_len,
+                    num_layers=plan.num_layers,
+                    loop_block=(plan.start, plan.end),
+                    max_loops=plan.max_loops,
+                    default_loops=plan.default_loops,
+                )
+            ]
+        )
 
     @app.get("/health")
     async def health() -> Response:

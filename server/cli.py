@@ -70,15 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API")
     serve.add_argument("--model", help="HF checkpoint directory or hub id (default: embedded)")
     serve.add_argument("--served-model-name")
-    serve.add_argument("--loop-block", help="START:END, 0-indexed, END exclusive (default: middle 4)")
+    serve.add_argument(
+        "--loop-block", help="START:END, 0-indexed, END exclusive (default: middle 4)"
+    )
     serve.add_argument("--max-loops", type=int, default=4)
     serve.add_argument("--default-loops", type=int, default=1)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or LOOPSERVE_API_KEY)")
+    serve.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' (or LOOPSERVE_API_KEY)"
+    )
     serve.add_argument("--max-model-len", type=int)
     serve.add_argument("--max-num-seqs", type=int)
-    serve.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    serve.add_argument(
+        "--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"]
+    )
     serve.add_argument("--tensor-parallel-size", type=int, default=1)
     serve.add_argument(
         "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True

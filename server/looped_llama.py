@@ -195,7 +195,6 @@ class LoopedLlamaModel(nn.Module):
         return out_hidden, out_residual
 
 
-
 def _attention(
     layer: LlamaDecoderLayer,
     attn: Attention,

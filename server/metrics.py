@@ -23,15 +23,21 @@ class Metrics:
         )
         self.flops = Counter("loopserve_flops", "Forward FLOPs served (FLOPs model)", registry=r)
         self.ttft = Histogram(
-            "loopserve_time_to_first_token_seconds", "Time to first token", registry=r,
+            "loopserve_time_to_first_token_seconds",
+            "Time to first token",
+            registry=r,
             buckets=LATENCY_BUCKETS,
         )
         self.itl = Histogram(
-            "loopserve_inter_token_latency_seconds", "Time between streamed tokens", registry=r,
+            "loopserve_inter_token_latency_seconds",
+            "Time between streamed tokens",
+            registry=r,
             buckets=LATENCY_BUCKETS,
         )
         self.e2e = Histogram(
-            "loopserve_e2e_request_latency_seconds", "End-to-end request latency", registry=r,
+            "loopserve_e2e_request_latency_seconds",
+            "End-to-end request latency",
+            registry=r,
             buckets=LATENCY_BUCKETS,
         )
 

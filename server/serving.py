@@ -155,7 +155,9 @@ class Serving:
                 messages, tokenize=False, add_generation_prompt=True
             )
         except Exception as error:  # the template itself rejects the conversation
-            raise ClientError(f"messages do not fit the chat template: {error}", "messages") from error
+            raise ClientError(
+                f"messages do not fit the chat template: {error}", "messages"
+            ) from error
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         jobs = [Job(ids, text, [Choice() for _ in range(req.n)])]
         sampling = {
@@ -177,7 +179,9 @@ class Serving:
                     message=AssistantMessage(content=choice.text),
                     logprobs=self._chat_logprobs(
                         choice.token_ids, choice.logprobs, req.top_logprobs or 0
-                    ) if req.logprobs else None,
+                    )
+                    if req.logprobs
+                    else None,
                     finish_reason=choice.finish_reason,
                 )
                 for j, choice in enumerate(jobs[0].choices)
@@ -194,8 +198,13 @@ class Serving:
         except ValueError as error:
             raise ClientError(str(error), "loops") from error
         return Call(
-            f"{kind}-{uuid.uuid4().hex}", int(time.time()), self.engine.info.name, req, jobs,
-            sampling, loops,
+            f"{kind}-{uuid.uuid4().hex}",
+            int(time.time()),
+            self.engine.info.name,
+            req,
+            jobs,
+            sampling,
+            loops,
         )
 
     def _max_tokens(
@@ -223,7 +232,7 @@ class Serving:
         vocab = self.engine.info.shape.vocab_size
         bad = [t for t in ids if t >= vocab]
         if bad:
-            raise ClientError(f"token ids out of range [0, {vocab}): {bad[:5]}", "prompt")
+            raise ClientError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}", "prompt")
         return ids
 
     # ----- running ----------------------------------------------------------------------
@@ -240,8 +249,9 @@ class Serving:
                 if job.prompt_logprobs is None and output.prompt_logprobs is not None:
                     job.prompt_logprobs = list(output.prompt_logprobs)
                 deltas = [
-                    Delta(c.index, c.text, list(c.token_ids), list(c.logprobs or []),
-                          c.finish_reason)
+                    Delta(
+                        c.index, c.text, list(c.token_ids), list(c.logprobs or []), c.finish_reason
+                    )
                     for c in output.outputs
                 ]
                 for delta in deltas:
@@ -276,13 +286,22 @@ class Serving:
         chat = endpoint == "chat"
         try:
             if chat:
-                yield sse(self._chat_chunk(call, [ChatChunkChoice(
-                    index=j, delta=ChatDelta(role="assistant", content=""))
-                    for j in range(call.req.n)]))
+                yield sse(
+                    self._chat_chunk(
+                        call,
+                        [
+                            ChatChunkChoice(index=j, delta=ChatDelta(role="assistant", content=""))
+                            for j in range(call.req.n)
+                        ],
+                    )
+                )
             async for i, deltas in self._deltas(call):
                 timer.tokens(sum(len(d.token_ids) for d in deltas))
-                yield sse(self._chat_chunk_of(call, deltas) if chat else
-                          self._completion_chunk(call, i, deltas))
+                yield sse(
+                    self._chat_chunk_of(call, deltas)
+                    if chat
+                    else self._completion_chunk(call, i, deltas)
+                )
             if call.req.stream_options is not None and call.req.stream_options.include_usage:
                 chunk = self._chat_chunk(call, []) if chat else self._completion_base(call)
                 chunk.usage = self.usage(call)
@@ -291,8 +310,12 @@ class Serving:
             yield "data: [DONE]\n\n"
         except Exception as error:  # the engine failed after the headers went out
             status = 500
-            body = {"message": f"generation failed: {type(error).__name__}",
-                    "type": "server_error", "param": None, "code": 500}
+            body = {
+                "message": f"generation failed: {type(error).__name__}",
+                "type": "server_error",
+                "param": None,
+                "code": 500,
+            }
             yield f"data: {json.dumps({'error': body})}\n\n"
             yield "data: [DONE]\n\n"
         finally:
@@ -331,9 +354,14 @@ class Serving:
             if call.req.logprobs is not None:
                 logprobs = CompletionLogprobs()
                 self._append_logprobs(logprobs, delta.token_ids, delta.logprobs, 0)
-            chunk.choices.append(CompletionChoice(
-                index=job_index * call.req.n + delta.index, text=delta.text,
-                logprobs=logprobs, finish_reason=delta.finish_reason))
+            chunk.choices.append(
+                CompletionChoice(
+                    index=job_index * call.req.n + delta.index,
+                    text=delta.text,
+                    logprobs=logprobs,
+                    finish_reason=delta.finish_reason,
+                )
+            )
         return chunk
 
     def _chat_chunk(self, call: Call, choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
@@ -343,16 +371,20 @@ class Serving:
 
     def _chat_chunk_of(self, call: Call, deltas: list[Delta]) -> ChatCompletionChunk:
         req = call.req
-        return self._chat_chunk(call, [
-            ChatChunkChoice(
-                index=d.index,
-                delta=ChatDelta(content=d.text),
-                logprobs=self._chat_logprobs(d.token_ids, d.logprobs, req.top_logprobs or 0)
-                if req.logprobs else None,
-                finish_reason=d.finish_reason,
-            )
-            for d in deltas
-        ])
+        return self._chat_chunk(
+            call,
+            [
+                ChatChunkChoice(
+                    index=d.index,
+                    delta=ChatDelta(content=d.text),
+                    logprobs=self._chat_logprobs(d.token_ids, d.logprobs, req.top_logprobs or 0)
+                    if req.logprobs
+                    else None,
+                    finish_reason=d.finish_reason,
+                )
+                for d in deltas
+            ],
+        )
 
     def _token_text(self, token_id: int, logprob: Any) -> str:
         text = getattr(logprob, "decoded_token", None)
@@ -392,14 +424,21 @@ class Serving:
         for token_id, top in zip(ids, positions, strict=False):
             ranked = sorted(top.items(), key=lambda item: item[1].rank)[:top_n]
             token = self._token_text(token_id, top[token_id])
-            content.append(TokenLogprob(
-                token=token, logprob=top[token_id].logprob, bytes=list(token.encode()),
-                top_logprobs=[
-                    TopLogprob(token=(t := self._token_text(i, lp)), logprob=lp.logprob,
-                               bytes=list(t.encode()))
-                    for i, lp in ranked
-                ],
-            ))
+            content.append(
+                TokenLogprob(
+                    token=token,
+                    logprob=top[token_id].logprob,
+                    bytes=list(token.encode()),
+                    top_logprobs=[
+                        TopLogprob(
+                            token=(t := self._token_text(i, lp)),
+                            logprob=lp.logprob,
+                            bytes=list(t.encode()),
+                        )
+                        for i, lp in ranked
+                    ],
+                )
+            )
         return ChatLogprobs(content=content)
 
 

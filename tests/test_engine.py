@@ -6,6 +6,8 @@ unrolled transformers oracle for k>1, against solo runs for mixed batches.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import start_llm, stop_llm
 
@@ -93,7 +95,9 @@ def test_mixed_batch_equals_solo_runs(looped):
         use_tqdm=False,
     )
     for prompt, k, output in zip(prompts, loops, mixed, strict=True):
-        solo = looped.generate([{"prompt": prompt, "cache_salt": "solo"}], greedy(k), use_tqdm=False)
+        solo = looped.generate(
+            [{"prompt": prompt, "cache_salt": "solo"}], greedy(k), use_tqdm=False
+        )
         assert token_ids(solo) == [list(output.outputs[0].token_ids)], (prompt, k)
 
 
@@ -154,7 +158,10 @@ def test_mixed_batch_exact_with_default_compilation(compiled_no_prefix_cache, re
     outputs = compiled_no_prefix_cache.generate(PROMPTS, [greedy(k) for k in loops], use_tqdm=False)
     for k, output in zip(loops, outputs, strict=True):
         got = list(output.outputs[0].token_ids)
-        assert got == reference.greedy(list(output.prompt_token_ids), k, len(got)), (k, output.prompt)
+        assert got == reference.greedy(list(output.prompt_token_ids), k, len(got)), (
+            k,
+            output.prompt,
+        )
 
 
 def _forward_without_loop_counts(model) -> str:
@@ -172,3 +179,39 @@ def _forward_without_loop_counts(model) -> str:
 def test_batch_without_loop_counts_raises(compiled_no_prefix_cache):
     [message] = compiled_no_prefix_cache.apply_model(_forward_without_loop_counts)
     assert "without per-token loop counts" in message
+
+
+@pytest.fixture(scope="module")
+def triton_interpreted(model_path):
+    """The engine with the loop step forced through the Triton kernel (interpreted on CPU).
+
+    The variables must be in the environment when vLLM spawns its worker, which imports
+    Triton (Triton reads TRITON_INTERPRET at import).
+    """
+    forced = {"LOOPSERVE_KERNEL": "triton", "TRITON_INTERPRET": "1"}
+    saved = {name: os.environ.get(name) for name in forced}
+    os.environ.update(forced)
+    try:
+        llm = start_llm(model_path, enforce_eager=True)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+    yield llm
+    stop_llm(llm)
+
+
+def test_triton_loop_step_in_the_engine(triton_interpreted, reference):
+    """Short generation (the interpreter is slow): mixed k through the Triton kernel."""
+    loops = [2, 3, 1]
+    outputs = triton_interpreted.generate(
+        PROMPTS[:3], [greedy(k, max_tokens=6) for k in loops], use_tqdm=False
+    )
+    for k, output in zip(loops, outputs, strict=True):
+        got = list(output.outputs[0].token_ids)
+        assert got == reference.greedy(list(output.prompt_token_ids), k, len(got)), (
+            k,
+            output.prompt,
+        )

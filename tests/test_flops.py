@@ -11,10 +11,22 @@ from loopserve.server.flops import FlopsModel, ModelShape
 from loopserve.server.loop_plan import LoopPlan
 
 # Public SmolLM configs (design digest, section 4).
-SMOLLM_1_7B = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 32,
-               "intermediate_size": 8192, "vocab_size": 49152, "num_hidden_layers": 24}
-SMOLLM_360M = {"hidden_size": 960, "num_attention_heads": 15, "num_key_value_heads": 5,
-               "intermediate_size": 2560, "vocab_size": 49152, "num_hidden_layers": 32}
+SMOLLM_1_7B = {
+    "hidden_size": 2048,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "intermediate_size": 8192,
+    "vocab_size": 49152,
+    "num_hidden_layers": 24,
+}
+SMOLLM_360M = {
+    "hidden_size": 960,
+    "num_attention_heads": 15,
+    "num_key_value_heads": 5,
+    "intermediate_size": 2560,
+    "vocab_size": 49152,
+    "num_hidden_layers": 32,
+}
 
 
 @pytest.mark.parametrize(

@@ -74,7 +74,10 @@ def test_openai_sdk_completions_with_loops(openai_client, http):
     texts = []
     for loops in (1, 2, 4):
         response = openai_client.completions.create(
-            model=model, prompt="The capital of France is", max_tokens=8, temperature=0,
+            model=model,
+            prompt="The capital of France is",
+            max_tokens=8,
+            temperature=0,
             extra_body={"loops": loops},
         )
         usage = response.usage.model_dump()
@@ -90,8 +93,13 @@ def test_openai_sdk_completions_with_loops(openai_client, http):
 
 def test_openai_sdk_streaming_completion(openai_client, http):
     stream = openai_client.completions.create(
-        model=model_name(http), prompt="def fibonacci(n):", max_tokens=10, temperature=0,
-        stream=True, stream_options={"include_usage": True}, extra_body={"loops": 2},
+        model=model_name(http),
+        prompt="def fibonacci(n):",
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"loops": 2},
     )
     chunks = list(stream)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -99,7 +107,10 @@ def test_openai_sdk_streaming_completion(openai_client, http):
     assert chunks[-1].usage.completion_tokens == 10
     assert chunks[-1].usage.model_dump()["loops"] == 2
     whole = openai_client.completions.create(
-        model=model_name(http), prompt="def fibonacci(n):", max_tokens=10, temperature=0,
+        model=model_name(http),
+        prompt="def fibonacci(n):",
+        max_tokens=10,
+        temperature=0,
         extra_body={"loops": 2},
     )
     assert whole.choices[0].text == text
@@ -108,14 +119,21 @@ def test_openai_sdk_streaming_completion(openai_client, http):
 def test_openai_sdk_chat(openai_client, http):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     response = openai_client.chat.completions.create(
-        model=model_name(http), messages=messages, max_tokens=12, temperature=0,
+        model=model_name(http),
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
         extra_body={"loops": 3},
     )
     assert response.choices[0].message.role == "assistant"
     assert response.choices[0].message.content
     assert response.usage.model_dump()["loops"] == 3
     stream = openai_client.chat.completions.create(
-        model=model_name(http), messages=messages, max_tokens=12, temperature=0, stream=True,
+        model=model_name(http),
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
         extra_body={"loops": 3},
     )
     streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
@@ -124,8 +142,12 @@ def test_openai_sdk_chat(openai_client, http):
 
 def test_chat_logprobs(openai_client, http):
     response = openai_client.chat.completions.create(
-        model=model_name(http), messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-        temperature=0, logprobs=True, top_logprobs=3,
+        model=model_name(http),
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
     )
     content = response.choices[0].logprobs.content
     assert len(content) == 4
@@ -147,8 +169,13 @@ def test_vllm_xargs_equals_top_level_loops(http):
 
 def test_echo_logprobs_and_token_prompts(http):
     """lm-eval's loglikelihood request: token ids, echo, logprobs, one new token."""
-    body = {"prompt": [[1, 504, 3575, 282], [1, 504]], "max_tokens": 1, "temperature": 0,
-            "logprobs": 1, "echo": True}
+    body = {
+        "prompt": [[1, 504, 3575, 282], [1, 504]],
+        "max_tokens": 1,
+        "temperature": 0,
+        "logprobs": 1,
+        "echo": True,
+    }
     choices = http.post("/v1/completions", json=body).json()["choices"]
     assert [c["index"] for c in choices] == [0, 1]
     first = choices[0]["logprobs"]
@@ -159,8 +186,14 @@ def test_echo_logprobs_and_token_prompts(http):
 
 
 def test_n_and_seed(http):
-    body = {"prompt": "Tell me a story", "max_tokens": 8, "temperature": 1.0, "n": 3, "seed": 7,
-            "ignore_eos": True}
+    body = {
+        "prompt": "Tell me a story",
+        "max_tokens": 8,
+        "temperature": 1.0,
+        "n": 3,
+        "seed": 7,
+        "ignore_eos": True,
+    }
     a = http.post("/v1/completions", json=body).json()
     b = http.post("/v1/completions", json=body).json()
     assert [c["index"] for c in a["choices"]] == [0, 1, 2]
@@ -216,17 +249,29 @@ BAD_REQUESTS = [
     ("/v1/completions", {**GOOD, "prompt": LONG_PROMPT}, 400, "context"),
     ("/v1/completions", {**GOOD, "model": "no-such-model"}, 404, "no-such-model"),
     ("/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400,
-     "role"),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "wizard", "content": "x"}]},
+        400,
+        "role",
+    ),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user"}]}, 400, "content"),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": 5}]}, 400,
-     "content"),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": 5}]},
+        400,
+        "content",
+    ),
     ("/v1/chat/completions", {**CHAT, "messages": "hello"}, 400, "messages"),
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {**CHAT, "loops": 7}, 400, "loops"),
     ("/v1/chat/completions", {**CHAT, "model": "gpt-4"}, 404, "gpt-4"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG_PROMPT}]}, 400,
-     "context"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": LONG_PROMPT}]},
+        400,
+        "context",
+    ),
 ]
 
 
@@ -287,8 +332,13 @@ def metric(http, name: str) -> float:
 
 def test_many_concurrent_streams_with_mixed_loops(url, http):
     async def one(client: httpx.AsyncClient, i: int) -> tuple[int, str]:
-        body = {"prompt": f"Story number {i}:", "max_tokens": 12, "temperature": 0,
-                "stream": True, "loops": (i % 4) + 1}
+        body = {
+            "prompt": f"Story number {i}:",
+            "max_tokens": 12,
+            "temperature": 0,
+            "stream": True,
+            "loops": (i % 4) + 1,
+        }
         pieces, done = [], False
         async with client.stream("POST", "/v1/completions", json=body) as response:
             assert response.status_code == 200
@@ -314,8 +364,13 @@ def test_many_concurrent_streams_with_mixed_loops(url, http):
 
 def test_clients_that_hang_up_are_aborted(url, http):
     async def hang_up(client: httpx.AsyncClient, i: int) -> None:
-        body = {"prompt": f"Count to a thousand, {i}:", "max_tokens": 400, "stream": True,
-                "ignore_eos": True, "loops": (i % 4) + 1}
+        body = {
+            "prompt": f"Count to a thousand, {i}:",
+            "max_tokens": 400,
+            "stream": True,
+            "ignore_eos": True,
+            "loops": (i % 4) + 1,
+        }
         async with client.stream("POST", "/v1/completions", json=body) as response:
             async for line in response.aiter_lines():
                 if line.startswith("data: "):
@@ -333,16 +388,22 @@ def test_clients_that_hang_up_are_aborted(url, http):
         time.sleep(0.2)
     assert metric(http, "loopserve_requests_running") == 0
     # Aborted, not finished: far fewer tokens than 30 * 400 were generated.
-    assert metric(http, 'loopserve_requests_total{endpoint="completions",loops="1",status="499"}') > 0
+    assert (
+        metric(http, 'loopserve_requests_total{endpoint="completions",loops="1",status="499"}') > 0
+    )
 
 
 def test_metrics_exposed(http):
     text = http.get("/metrics").text
-    for name in ("loopserve_requests_total", "loopserve_requests_running",
-                 "loopserve_generated_tokens_total", "loopserve_flops_total",
-                 "loopserve_time_to_first_token_seconds_bucket",
-                 "loopserve_inter_token_latency_seconds_bucket",
-                 "loopserve_e2e_request_latency_seconds_bucket"):
+    for name in (
+        "loopserve_requests_total",
+        "loopserve_requests_running",
+        "loopserve_generated_tokens_total",
+        "loopserve_flops_total",
+        "loopserve_time_to_first_token_seconds_bucket",
+        "loopserve_inter_token_latency_seconds_bucket",
+        "loopserve_e2e_request_latency_seconds_bucket",
+    ):
         assert name in text
 
 
@@ -369,8 +430,9 @@ def test_python_client_sync_and_async(url):
 
     async def run_async() -> str:
         async with AsyncLoopserveClient(url, api_key=API_KEY) as client:
-            result = await client.complete("The capital of France is", loops=2, max_tokens=6,
-                                           temperature=0)
+            result = await client.complete(
+                "The capital of France is", loops=2, max_tokens=6, temperature=0
+            )
             return result.choices[0].text
 
     assert asyncio.run(run_async()) == streamed
@@ -378,18 +440,49 @@ def test_python_client_sync_and_async(url):
 
 def test_cli_complete(url):
     out = subprocess.run(
-        [sys.executable, "-m", "loopserve.server.cli", "complete", "--url", url, "--loops", "2",
-         "--max-tokens", "6", "--api-key", API_KEY, "The capital of France is"],
-        capture_output=True, text=True, timeout=120, check=True,
+        [
+            sys.executable,
+            "-m",
+            "loopserve.server.cli",
+            "complete",
+            "--url",
+            url,
+            "--loops",
+            "2",
+            "--max-tokens",
+            "6",
+            "--api-key",
+            API_KEY,
+            "The capital of France is",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     assert "Paris" in out.stdout
 
 
 def test_cli_chat_reads_stdin(url):
     out = subprocess.run(
-        [sys.executable, "-m", "loopserve.server.cli", "chat", "--url", url, "--loops", "2",
-         "--max-tokens", "8", "--api-key", API_KEY],
-        input="What is the capital of France?\n", capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "loopserve.server.cli",
+            "chat",
+            "--url",
+            url,
+            "--loops",
+            "2",
+            "--max-tokens",
+            "8",
+            "--api-key",
+            API_KEY,
+        ],
+        input="What is the capital of France?\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
         check=True,
     )
     assert out.stdout.strip()

@@ -1,0 +1,122 @@
+"""Engine throughput, side by side in one run: stock vLLM vs the looped model per k.
+
+Decode-heavy offline load (default: batch 16, 64 prompt tokens, 64 generated, EOS
+ignored). Each configuration runs `--repeats` times after a warm-up; the median wall
+time counts. Prints the ratios the engine issue asks for:
+
+- k=1 looped vs stock vLLM (same checkpoint): throughput ratio, goal >= 0.97;
+- k=2, k=4 vs the ideal from executed depth: (t_k / t_1) / (depth_k / depth_1), goal <= 1.05;
+- a load mixing k in {1, 2, 4} vs the ideal from the fixed-k runs, goal >= 0.90.
+
+    python -m loopserve.benchmarks.engine_throughput [--dtype bfloat16] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def _prompts(batch: int, input_len: int, seed: int) -> list[dict[str, Any]]:
+    import random
+
+    rng = random.Random(seed)
+    return [
+        {"prompt_token_ids": [rng.randrange(100, 20000) for _ in range(input_len)]}
+        for _ in range(batch)
+    ]
+
+
+def _time_load(llm: Any, prompts: list, params: list, repeats: int) -> float:
+    """Median seconds to finish the whole batch (one warm-up first)."""
+    llm.generate(prompts, params, use_tqdm=False)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        times.append(time.perf_counter() - start)
+        assert all(len(o.outputs[0].token_ids) == params[0].max_tokens for o in outputs)
+    return statistics.median(times)
+
+
+def _stop(llm: Any) -> None:
+    llm.llm_engine.engine_core.shutdown()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+
+    from loopserve.server.engine import EngineConfig, vllm_engine_kwargs
+
+    prompts = _prompts(args.batch, args.input_len, args.seed)
+    common = {
+        "dtype": args.dtype,
+        "max_model_len": 1024,
+        "enforce_eager": True,
+        "enable_prefix_caching": False,
+    }
+    config = EngineConfig(model=args.model, max_loops=4, **common)
+    kwargs, info = vllm_engine_kwargs(config)
+    tokens = args.batch * args.output_len
+
+    def params(loops: int | None) -> Any:
+        extra = {"extra_args": {"loops": loops}} if loops else {}
+        return SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True, **extra)
+
+    seconds: dict[str, float] = {}
+    stock = LLM(kwargs["model"], seed=0, **common)
+    seconds["stock"] = _time_load(stock, prompts, [params(None)] * args.batch, args.repeats)
+    _stop(stock)
+    looped = LLM(**kwargs)
+    for k in (1, 2, 4):
+        seconds[f"k={k}"] = _time_load(looped, prompts, [params(k)] * args.batch, args.repeats)
+    mixed_loops = [(1, 2, 4)[i % 3] for i in range(args.batch)]
+    seconds["mixed"] = _time_load(looped, prompts, [params(k) for k in mixed_loops], args.repeats)
+    _stop(looped)
+
+    plan = info.plan
+    throughput = {name: tokens / s for name, s in seconds.items()}
+    ideal_mixed = statistics.mean(seconds[f"k={k}"] for k in mixed_loops)
+    ratios = {
+        "k1_vs_stock_throughput": throughput["k=1"] / throughput["stock"],
+        **{
+            f"k{k}_time_over_depth": (seconds[f"k={k}"] / seconds["k=1"])
+            / (plan.executed_depth(k) / plan.executed_depth(1))
+            for k in (2, 4)
+        },
+        "mixed_vs_ideal_throughput": ideal_mixed / seconds["mixed"],
+    }
+    return {
+        "config": {**vars(args), "model": kwargs["model"], "loop_block": [plan.start, plan.end]},
+        "seconds": seconds,
+        "output_tokens_per_second": throughput,
+        "ratios": ratios,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="checkpoint (default: embedded model)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--input-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the JSON result here")
+    result = run(parser.parse_args())
+    text = json.dumps(result, indent=2)
+    print(text)
+    if result["config"]["out"]:
+        with open(result["config"]["out"], "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

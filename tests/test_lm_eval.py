@@ -1,0 +1,94 @@
+"""lm-eval's `local-completions` backend against a live server: generate and loglikelihood.
+
+No dataset hub here, so the two tasks are written as lm-eval task configs over local
+JSONL files. `--gen_kwargs loops=2` reaches generate requests; lm-eval sends no
+gen_kwargs with loglikelihood requests, which run at the server's default loops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = [("2+3=", "5"), ("4+4=", "8"), ("9-5=", "4"), ("1+6=", "7"), ("8-2=", "6")]
+
+
+def write_tasks(root) -> None:
+    data = root / "arith.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in QUESTIONS))
+    common = (
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        'doc_to_text: "1+1=2\\n3+1=4\\n{{question}}"\n'
+    )
+    (root / "gen.yaml").write_text(
+        "task: loopserve_arith_gen\n" + common + "output_type: generate_until\n"
+        'doc_to_target: "{{answer}}"\n'
+        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 3\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    (root / "ll.yaml").write_text(
+        "task: loopserve_arith_ll\n" + common + "output_type: multiple_choice\n"
+        'doc_to_choice: ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]\n'
+        "doc_to_target: \"{{['0','1','2','3','4','5','6','7','8','9'].index(answer)}}\"\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+
+
+def test_lm_eval_generate_and_loglikelihood(tmp_path, model_path):
+    from loopserve.server.launcher import start_server
+
+    write_tasks(tmp_path)
+    server = start_server(["--max-model-len", "1024"], str(tmp_path / "server.log"))
+    try:
+        import httpx
+
+        name = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+        env = {
+            **os.environ,
+            "HF_DATASETS_OFFLINE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "OPENAI_API_KEY": "unused",
+        }
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lm_eval",
+                "--model",
+                "local-completions",
+                "--model_args",
+                f"model={name},base_url={server.url}/v1/completions,tokenizer_backend=huggingface,"
+                f"tokenizer={model_path},num_concurrent=2,max_retries=1",
+                "--tasks",
+                "loopserve_arith_gen,loopserve_arith_ll",
+                "--include_path",
+                str(tmp_path),
+                "--gen_kwargs",
+                "loops=2",
+                "--output_path",
+                str(tmp_path / "out"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        [results_file] = list((tmp_path / "out").rglob("results_*.json"))
+        results = json.loads(results_file.read_text())["results"]
+        assert 0.0 <= results["loopserve_arith_gen"]["exact_match,none"] <= 1.0
+        assert 0.0 <= results["loopserve_arith_ll"]["acc,none"] <= 1.0
+        metrics = httpx.get(f"{server.url}/metrics").text
+        # Generate requests carried loops=2; loglikelihood ones the default (1).
+        assert 'endpoint="completions",loops="2",status="200"' in metrics
+        assert 'endpoint="completions",loops="1",status="200"' in metrics
+    finally:
+        server.stop()
