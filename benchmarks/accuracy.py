@@ -28,15 +28,22 @@ from loopserve.benchmarks.tasks import (
     max_answer_tokens,
     score,
 )
-from loopserve.clients.client import AsyncLoopserveClient
+from loopserve.clients.client import AsyncLoopserveClient, LoopserveError
 from loopserve.server.flops import FlopsModel, ModelShape
 from loopserve.server.loop_plan import LoopPlan
 
 DEFAULT_N = 200
 MEAN_TASK = "mean"
 COLUMNS = (
-    "task", "loops", "n", "correct", "accuracy", "ci95_low", "ci95_high",
-    "flops_per_token", "mean_context_tokens",
+    "task",
+    "loops",
+    "n",
+    "correct",
+    "accuracy",
+    "ci95_low",
+    "ci95_high",
+    "flops_per_token",
+    "mean_context_tokens",
 )
 
 
@@ -111,24 +118,40 @@ def request_flops(flops: FlopsModel, loops: int, prompt_tokens: int, completion_
 # ---------------------------------------------------------------- requests
 
 
-def _request_fields(model_id: str, example: Example) -> dict[str, Any]:
-    return {"model": model_id, "max_tokens": max_answer_tokens(example.task), "temperature": 0.0}
-
-
-async def _complete(client: AsyncLoopserveClient, model_id: str, example: Example, loops: int,
-                    index: int) -> Outcome:
-    response = await client.complete(example.prompt, loops=loops,
-                                     **_request_fields(model_id, example))
+async def _complete(
+    client: AsyncLoopserveClient, model_id: str, example: Example, loops: int, index: int
+) -> Outcome:
+    """One greedy completion, graded; a rejected request stops the run rather than skew it."""
+    try:
+        response = await client.complete(
+            example.prompt,
+            loops=loops,
+            model=model_id,
+            max_tokens=max_answer_tokens(example.task),
+            temperature=0.0,
+        )
+    except LoopserveError as error:
+        raise BenchError(f"{example.task} item {index}, loops={loops}: {error}") from None
     usage = response.usage
     if usage is None or not response.choices:
         raise BenchError("the server answered without usage or choices: is it loopserve?")
     text = response.choices[0].text
-    return Outcome(example.task, loops, index, example.answer, text, score(text, example.answer),
-                   usage.prompt_tokens, usage.completion_tokens, usage.total_flops)
+    return Outcome(
+        example.task,
+        loops,
+        index,
+        example.answer,
+        text,
+        score(text, example.answer),
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.total_flops,
+    )
 
 
-async def _probe(client: AsyncLoopserveClient, model_id: str, example: Example, loops: int,
-                 flops: FlopsModel) -> None:
+async def _probe(
+    client: AsyncLoopserveClient, model_id: str, example: Example, loops: int, flops: FlopsModel
+) -> None:
     """One request whose billed FLOPs must equal ours, or every FLOPs column would be wrong."""
     got = await _complete(client, model_id, example, loops, -1)
     ours = request_flops(flops, loops, got.prompt_tokens, got.completion_tokens)
@@ -139,8 +162,15 @@ async def _probe(client: AsyncLoopserveClient, model_id: str, example: Example, 
         )
 
 
-async def collect(url: str, api_key: str | None, model_id: str, examples: list[Example],
-                  loops: list[int], concurrency: int, flops: FlopsModel) -> list[Outcome]:
+async def collect(
+    url: str,
+    api_key: str | None,
+    model_id: str,
+    examples: list[Example],
+    loops: list[int],
+    concurrency: int,
+    flops: FlopsModel,
+) -> list[Outcome]:
     """Every (example, loop count) pair, at most `concurrency` requests in flight."""
     jobs = [(ex, k, i) for k in loops for i, ex in enumerate(examples)]
     gate = asyncio.Semaphore(concurrency)
@@ -167,8 +197,13 @@ def task_row(task: str, loops: int, outcomes: list[Outcome], flops: FlopsModel) 
     context = sum(o.prompt_tokens for o in outcomes) / n
     low, high = report.wilson_interval(correct, n)
     return {
-        "task": task, "loops": loops, "n": n, "correct": correct, "accuracy": correct / n,
-        "ci95_low": low, "ci95_high": high,
+        "task": task,
+        "loops": loops,
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n,
+        "ci95_low": low,
+        "ci95_high": high,
         "flops_per_token": flops.per_token(loops, round(context)),
         "mean_context_tokens": context,
     }
@@ -177,11 +212,15 @@ def task_row(task: str, loops: int, outcomes: list[Outcome], flops: FlopsModel) 
 def mean_row(loops: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Unweighted mean over tasks, so a large task does not dominate the headline curve."""
     count = len(rows)
-    low, high = report.mean_interval([(r["accuracy"], r["n"]) for r in rows])
+    low, high = report.mean_interval([(r["correct"], r["n"]) for r in rows])
     return {
-        "task": MEAN_TASK, "loops": loops, "n": sum(r["n"] for r in rows),
+        "task": MEAN_TASK,
+        "loops": loops,
+        "n": sum(r["n"] for r in rows),
         "correct": sum(r["correct"] for r in rows),
-        "accuracy": sum(r["accuracy"] for r in rows) / count, "ci95_low": low, "ci95_high": high,
+        "accuracy": sum(r["accuracy"] for r in rows) / count,
+        "ci95_low": low,
+        "ci95_high": high,
         "flops_per_token": round(sum(r["flops_per_token"] for r in rows) / count),
         "mean_context_tokens": sum(r["mean_context_tokens"] for r in rows) / count,
     }
@@ -200,8 +239,9 @@ def summarize(outcomes: list[Outcome], flops: FlopsModel) -> list[dict[str, Any]
 # ---------------------------------------------------------------- outputs
 
 
-def write_outputs(out: Path, config: dict[str, Any], rows: list[dict[str, Any]],
-                  outcomes: list[Outcome]) -> None:
+def write_outputs(
+    out: Path, config: dict[str, Any], rows: list[dict[str, Any]], outcomes: list[Outcome]
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "accuracy.json", {"config": config, "rows": rows})
     report.write_csv(out / "accuracy.csv", rows, COLUMNS)
@@ -215,14 +255,21 @@ def main(args: argparse.Namespace, url: str, examples: list[Example]) -> int:
     card = model_card(url, args.api_key)
     check_loops(card, args.loops)
     flops = flops_model(card, args.model)
-    outcomes = asyncio.run(collect(url, args.api_key, card["id"], examples, args.loops,
-                                   args.concurrency, flops))
+    outcomes = asyncio.run(
+        collect(url, args.api_key, card["id"], examples, args.loops, args.concurrency, flops)
+    )
     rows = summarize(outcomes, flops)
     config = {
-        "url": url, "model": card["id"], "loop_plan": flops.plan.to_dict(), "loops": args.loops,
+        "url": url,
+        "model": card["id"],
+        "loop_plan": flops.plan.to_dict(),
+        "loops": args.loops,
         "tasks": list(dict.fromkeys(e.task for e in examples)),
-        "n": args.n or (None if args.dataset else DEFAULT_N), "shots": args.shots,
-        "seed": args.seed, "dataset": args.dataset, "concurrency": args.concurrency,
+        "n": args.n or (None if args.dataset else DEFAULT_N),
+        "shots": args.shots,
+        "seed": args.seed,
+        "dataset": args.dataset,
+        "concurrency": args.concurrency,
     }
     out = Path(args.out)
     write_outputs(out, config, rows, outcomes)

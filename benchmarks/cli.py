@@ -85,41 +85,69 @@ def task_list(text: str) -> list[str]:
 def _add_common(parser: argparse.ArgumentParser, loops: str) -> None:
     """Target server (or one started here), loop counts and output folder."""
     parser.add_argument("--url", help="loopserve server to measure (default: start one here)")
-    parser.add_argument("--api-key", default=os.environ.get("LOOPSERVE_API_KEY"),
-                        help="bearer key (default: $LOOPSERVE_API_KEY)")
-    parser.add_argument("--loops", type=loop_list, default=loop_list(loops),
-                        help=f"comma-separated loop counts (default: {loops})")
-    parser.add_argument("--concurrency", type=positive_int, default=16,
-                        help="requests in flight at once")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("LOOPSERVE_API_KEY"),
+        help="bearer key (default: $LOOPSERVE_API_KEY)",
+    )
+    parser.add_argument(
+        "--loops",
+        type=loop_list,
+        default=loop_list(loops),
+        help=f"comma-separated loop counts (default: {loops})",
+    )
+    parser.add_argument(
+        "--concurrency", type=positive_int, default=16, help="requests in flight at once"
+    )
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--out", default=DEFAULT_OUT, help="folder for results")
-    parser.add_argument("--model", help="checkpoint served (default: the embedded model); "
-                        "read for its FLOPs shape, and served when --url is omitted")
+    parser.add_argument(
+        "--model",
+        help="checkpoint served (default: the embedded model); "
+        "read for its FLOPs shape, and served when --url is omitted",
+    )
     started = parser.add_argument_group("server started when --url is omitted")
     started.add_argument("--loop-block", help="START:END passed to `loopserve serve`")
-    started.add_argument("--max-loops", type=positive_int,
-                         help="passed to `loopserve serve` (default: the largest --loops)")
-    started.add_argument("--server-args", default="",
-                         help="more `loopserve serve` options, e.g. '--max-model-len 2048'")
+    started.add_argument(
+        "--max-loops",
+        type=positive_int,
+        help="passed to `loopserve serve` (default: the largest --loops)",
+    )
+    started.add_argument(
+        "--server-args",
+        default="",
+        help="more `loopserve serve` options, e.g. '--max-model-len 2048'",
+    )
 
 
 def _add_accuracy(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("accuracy", help="exact-match accuracy vs FLOPs/token per loop count")
     _add_common(p, "1,2,3,4")
-    p.add_argument("--tasks", type=task_list, default=task_list("all"),
-                   help="comma-separated task names, or all")
-    p.add_argument("--n", type=positive_int,
-                   help="examples per task (default: 200; with --dataset: all of it)")
+    p.add_argument(
+        "--tasks",
+        type=task_list,
+        default=task_list("all"),
+        help="comma-separated task names, or all",
+    )
+    p.add_argument(
+        "--n", type=positive_int, help="examples per task (default: 200; with --dataset: all of it)"
+    )
     p.add_argument("--shots", type=non_negative_int, default=5)
-    p.add_argument("--dataset", help="JSONL of {prompt, answer[, task]} instead of the suite "
-                   "(--tasks and --shots are then ignored)")
+    p.add_argument(
+        "--dataset",
+        help="JSONL of {prompt, answer[, task]} instead of the suite "
+        "(--tasks and --shots are then ignored)",
+    )
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="latency and throughput per loop count (vLLM bench style)")
     _add_common(p, "1,2,4")
-    p.add_argument("--mixed", action="store_true",
-                   help="also run a load whose request i uses loops[i %% len(loops)]")
+    p.add_argument(
+        "--mixed",
+        action="store_true",
+        help="also run a load whose request i uses loops[i %% len(loops)]",
+    )
     p.add_argument("--num-prompts", type=positive_int, default=200)
     p.add_argument("--input-len", type=positive_int, default=128, help="prompt tokens")
     p.add_argument("--output-len", type=positive_int, default=128, help="generated tokens")

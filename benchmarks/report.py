@@ -35,13 +35,17 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     return low, high
 
 
-def mean_interval(proportions: Sequence[tuple[float, int]], z: float = Z95) -> tuple[float, float]:
-    """Normal 95% interval of the mean of independent proportions given as (p, n) pairs."""
-    if not proportions or any(n <= 0 for _, n in proportions):
+def mean_interval(counts: Sequence[tuple[int, int]], z: float = Z95) -> tuple[float, float]:
+    """95% normal interval of the unweighted mean of independent proportions (successes, n).
+
+    Centred on the mean itself; each variance uses the Agresti-Coull estimate (z^2/2 extra
+    successes and failures), so tasks at 0% or 100% do not collapse the interval to a point.
+    """
+    if not counts or any(n <= 0 for _, n in counts):
         return 0.0, 1.0
-    mean = sum(p for p, _ in proportions) / len(proportions)
-    var = sum(p * (1 - p) / n for p, n in proportions) / len(proportions) ** 2
-    half = z * math.sqrt(var)
+    mean = sum(x / n for x, n in counts) / len(counts)
+    adjusted = [((x + z * z / 2) / (n + z * z), n + z * z) for x, n in counts]
+    half = z * math.sqrt(sum(p * (1 - p) / m for p, m in adjusted)) / len(counts)
     return max(0.0, mean - half), min(1.0, mean + half)
 
 
@@ -119,8 +123,14 @@ def plot_accuracy(path: Path, rows: Sequence[dict[str, Any]], title: str) -> Non
         ax.plot(xs, ys, marker="o", label=task, **style)
         for x, y, r in zip(xs, ys, points, strict=True):
             text = f"k={r['loops']}" if is_mean else str(r["loops"])
-            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4),
-                        fontsize=9 if is_mean else 7, fontweight="bold" if is_mean else "normal")
+            ax.annotate(
+                text,
+                (x, y),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=9 if is_mean else 7,
+                fontweight="bold" if is_mean else "normal",
+            )
     ax.set_xlabel("forward FLOPs per token (GFLOPs)")
     ax.set_ylabel("exact-match accuracy")
     ax.set_ylim(-0.02, 1.02)

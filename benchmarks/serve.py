@@ -33,8 +33,17 @@ WARMUP_REQUESTS = 2
 WARMUP_OUTPUT_LEN = 16
 RATIO_KEYS = ("output_throughput", "median_ttft_ms", "median_itl_ms")
 TABLE = (
-    "label", "completed", "failed", "duration", "request_throughput", "output_throughput",
-    "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "median_itl_ms", "p99_itl_ms",
+    "label",
+    "completed",
+    "failed",
+    "duration",
+    "request_throughput",
+    "output_throughput",
+    "median_ttft_ms",
+    "p99_ttft_ms",
+    "median_tpot_ms",
+    "median_itl_ms",
+    "p99_itl_ms",
     "median_e2el_ms",
 )
 
@@ -94,15 +103,24 @@ def warmup_load(load: Load, seed: int) -> Load:
     """A few requests shaped like `load` (same loops) on prompts of their own."""
     count = min(WARMUP_REQUESTS, len(load.prompts))
     length = len(load.prompts[0])
-    return Load(f"{load.label} warm-up", make_prompts(count, length, seed, f"warmup:{load.label}"),
-                load.loops[:count])
+    return Load(
+        f"{load.label} warm-up",
+        make_prompts(count, length, seed, f"warmup:{load.label}"),
+        load.loops[:count],
+    )
 
 
-def request_body(model: str, prompt: list[int], output_len: int, loops: int | None
-                 ) -> dict[str, Any]:
+def request_body(
+    model: str, prompt: list[int], output_len: int, loops: int | None
+) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
-        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": output_len,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
     }
     if loops is not None:
         body["loops"] = loops
@@ -116,7 +134,7 @@ def _event(line: str) -> dict[str, Any] | None:
     """A parsed SSE data line, None for other lines and for the final [DONE]."""
     if not line.startswith("data:"):
         return None
-    data = line[len("data:"):].strip()
+    data = line[len("data:") :].strip()
     if data == "[DONE]":
         return None
     event = json.loads(data)
@@ -160,27 +178,38 @@ async def stream_request(http: httpx.AsyncClient, body: dict[str, Any]) -> Reque
     return result
 
 
-async def run_load(url: str, api_key: str | None, model: str, load: Load, output_len: int,
-                   concurrency: int, progress: bool = True) -> tuple[list[RequestResult], float]:
+async def run_load(
+    url: str,
+    api_key: str | None,
+    model: str,
+    load: Load,
+    output_len: int,
+    concurrency: int,
+    progress: bool = True,
+) -> tuple[list[RequestResult], float]:
     """All of the load's requests, at most `concurrency` in flight; returns (results, seconds)."""
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     timeout = httpx.Timeout(600.0, connect=30.0)
-    async with httpx.AsyncClient(base_url=url, headers=auth_headers(api_key), limits=limits,
-                                 timeout=timeout) as http:
-        with tqdm(total=len(load.prompts), desc=load.label, unit="req", disable=not progress
-                  ) as bar:
+    async with httpx.AsyncClient(
+        base_url=url, headers=auth_headers(api_key), limits=limits, timeout=timeout
+    ) as http:
+        with tqdm(
+            total=len(load.prompts), desc=load.label, unit="req", disable=not progress
+        ) as bar:
 
             async def one(prompt: list[int], loops: int | None) -> RequestResult:
                 async with gate:
-                    result = await stream_request(http, request_body(model, prompt, output_len,
-                                                                     loops))
+                    result = await stream_request(
+                        http, request_body(model, prompt, output_len, loops)
+                    )
                 bar.update(1)
                 return result
 
             start = time.perf_counter()
             results = await asyncio.gather(
-                *(one(p, k) for p, k in zip(load.prompts, load.loops, strict=True)))
+                *(one(p, k) for p, k in zip(load.prompts, load.loops, strict=True))
+            )
             return list(results), time.perf_counter() - start
 
 
@@ -204,9 +233,13 @@ def summarize_load(results: list[RequestResult], duration: float) -> dict[str, A
     total_in = sum(r.prompt_tokens for r in done)
     total_out = sum(r.output_tokens for r in done)
     return {
-        "completed": len(done), "failed": len(results) - len(done), "duration": duration,
-        "total_input_tokens": total_in, "total_output_tokens": total_out,
-        "request_throughput": len(done) / duration, "output_throughput": total_out / duration,
+        "completed": len(done),
+        "failed": len(results) - len(done),
+        "duration": duration,
+        "total_input_tokens": total_in,
+        "total_output_tokens": total_out,
+        "request_throughput": len(done) / duration,
+        "output_throughput": total_out / duration,
         "total_token_throughput": (total_in + total_out) / duration,
         **latency_metrics(results),
     }
@@ -215,8 +248,13 @@ def summarize_load(results: list[RequestResult], duration: float) -> dict[str, A
 def by_loops(results: list[RequestResult]) -> dict[str, dict[str, Any]]:
     """Latency per loop count inside a mixed load: what each k pays when batched with others."""
     counts = dict.fromkeys(r.loops for r in results)
-    return {str(k): {"completed": sum(r.success for r in results if r.loops == k),
-                     **latency_metrics([r for r in results if r.loops == k])} for k in counts}
+    return {
+        str(k): {
+            "completed": sum(r.success for r in results if r.loops == k),
+            **latency_metrics([r for r in results if r.loops == k]),
+        }
+        for k in counts
+    }
 
 
 def ratios(runs: list[dict[str, Any]], baseline: dict[str, Any]) -> list[dict[str, Any]]:
@@ -225,21 +263,34 @@ def ratios(runs: list[dict[str, Any]], baseline: dict[str, Any]) -> list[dict[st
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
 
-    return [{"label": run["label"], **{k: ratio(run[k], baseline[k]) for k in RATIO_KEYS}}
-            for run in runs]
+    return [
+        {"label": run["label"], **{k: ratio(run[k], baseline[k]) for k in RATIO_KEYS}}
+        for run in runs
+    ]
 
 
 # ---------------------------------------------------------------- driver
 
 
-def measure(url: str, api_key: str | None, model: str, load: Load, args: argparse.Namespace
-            ) -> dict[str, Any]:
+def measure(
+    url: str, api_key: str | None, model: str, load: Load, args: argparse.Namespace
+) -> dict[str, Any]:
     """Warm up, then run one load; a load in which nothing completed is an error."""
     warm = warmup_load(load, args.seed)
-    asyncio.run(run_load(url, api_key, model, warm, min(args.output_len, WARMUP_OUTPUT_LEN),
-                         args.concurrency, progress=False))
-    results, duration = asyncio.run(run_load(url, api_key, model, load, args.output_len,
-                                             args.concurrency))
+    asyncio.run(
+        run_load(
+            url,
+            api_key,
+            model,
+            warm,
+            min(args.output_len, WARMUP_OUTPUT_LEN),
+            args.concurrency,
+            progress=False,
+        )
+    )
+    results, duration = asyncio.run(
+        run_load(url, api_key, model, load, args.output_len, args.concurrency)
+    )
     failures = [r.error for r in results if not r.success]
     if failures:
         print(f"{load.label}: {len(failures)} failed, e.g. {failures[0]}", file=sys.stderr)
@@ -295,8 +346,14 @@ def main(args: argparse.Namespace, url: str, loads: list[Load]) -> int:
 
 def _config(args: argparse.Namespace, url: str, card: dict[str, Any]) -> dict[str, Any]:
     return {
-        "url": url, "model": card["id"], "loops": args.loops, "mixed": args.mixed,
-        "num_prompts": args.num_prompts, "concurrency": args.concurrency,
-        "input_len": args.input_len, "output_len": args.output_len, "seed": args.seed,
+        "url": url,
+        "model": card["id"],
+        "loops": args.loops,
+        "mixed": args.mixed,
+        "num_prompts": args.num_prompts,
+        "concurrency": args.concurrency,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "seed": args.seed,
         "baseline_url": args.baseline_url,
     }

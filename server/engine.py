@@ -154,30 +154,32 @@ class LoopEngine:
     def is_running(self) -> bool:
         return not self._llm.errored
 
-    def sampling_params(self, sampling: dict[str, Any], loops: int | None) -> Any:
-        """vLLM SamplingParams carrying the validated loop count in `extra_args`."""
+    def sampling_params(self, sampling: dict[str, Any], loops: int | None = None) -> Any:
+        """vLLM SamplingParams (streaming deltas) carrying the loop count in `extra_args`.
+
+        Raises ValueError (LoopPlanError for `loops`) for anything vLLM would refuse, so
+        callers can answer a client error before any work starts.
+        """
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
+        from vllm.sampling_params import RequestOutputKind
 
         loops = self.plan.default_loops if loops is None else self.plan.check_loops(loops)
+        sampling = {"output_kind": RequestOutputKind.DELTA, **sampling}
         extra = dict(sampling.pop("extra_args", None) or {})
         extra[LOOPS_KEY] = loops
-        return SamplingParams(**sampling, extra_args=extra)
+        try:
+            return SamplingParams(**sampling, extra_args=extra)
+        except VLLMClientError as error:
+            raise ValueError(str(error)) from error
 
     async def generate(
-        self,
-        prompt: str | list[int],
-        sampling: dict[str, Any],
-        loops: int | None = None,
-        request_id: str | None = None,
+        self, prompt: str | list[int], params: Any, request_id: str | None = None
     ) -> AsyncIterator[Any]:
-        """Stream `RequestOutput`s (deltas unless `sampling['output_kind']` says otherwise).
+        """Stream `RequestOutput`s for params from `sampling_params`.
 
         Closing the iterator early (client gone) aborts the request in vLLM.
         """
-        from vllm.sampling_params import RequestOutputKind
-
-        sampling = {"output_kind": RequestOutputKind.DELTA, **sampling}
-        params = self.sampling_params(sampling, loops)
         engine_prompt: dict[str, Any] = (
             {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
         )

@@ -94,7 +94,7 @@ class Call:
     model: str
     req: SamplingFields
     jobs: list[Job]
-    sampling: dict[str, Any]
+    params: Any  # vLLM SamplingParams, built (and so validated) before any work starts
     loops: int
 
 
@@ -242,9 +242,7 @@ class Serving:
         queue: asyncio.Queue[tuple[int, list[Delta]] | None] = asyncio.Queue()
 
         async def pump(i: int, job: Job) -> None:
-            stream = self.engine.generate(
-                job.prompt_ids, dict(call.sampling), call.loops, f"{call.id}-{i}"
-            )
+            stream = self.engine.generate(job.prompt_ids, call.params.clone(), f"{call.id}-{i}")
             async for output in stream:
                 if job.prompt_logprobs is None and output.prompt_logprobs is not None:
                     job.prompt_logprobs = list(output.prompt_logprobs)

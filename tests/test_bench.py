@@ -19,10 +19,24 @@ from loopserve.server.cli import main
 
 pytestmark = pytest.mark.slow
 
-ROW_KEYS = {"task", "loops", "n", "correct", "accuracy", "ci95_low", "ci95_high",
-            "flops_per_token", "mean_context_tokens"}
-METRICS = [f"{stat}_{name}_ms" for name in ("ttft", "tpot", "itl", "e2el")
-           for stat in ("mean", "median", "p90", "p99")]
+API_KEY = "bench-key"
+
+ROW_KEYS = {
+    "task",
+    "loops",
+    "n",
+    "correct",
+    "accuracy",
+    "ci95_low",
+    "ci95_high",
+    "flops_per_token",
+    "mean_context_tokens",
+}
+METRICS = [
+    f"{stat}_{name}_ms"
+    for name in ("ttft", "tpot", "itl", "e2el")
+    for stat in ("mean", "median", "p90", "p99")
+]
 
 
 # ---------------------------------------------------------------- pure parts
@@ -39,6 +53,14 @@ def test_wilson_interval_matches_known_values():
         report.wilson_interval(3, 2)
 
 
+def test_mean_interval_contains_the_mean_and_never_collapses():
+    low, high = report.mean_interval([(0, 4)] * 9)
+    assert low == 0.0 and 0.0 < high < 0.2
+    low, high = report.mean_interval([(0, 2), (1, 1)])
+    assert low < 0.5 < high
+    assert report.mean_interval([]) == (0.0, 1.0)
+
+
 def test_percentiles_interpolate_like_numpy():
     assert report.percentile([1.0, 2.0, 3.0, 4.0], 90) == pytest.approx(3.7)
     assert report.percentile([5.0], 99) == 5.0
@@ -50,8 +72,9 @@ def test_percentiles_interpolate_like_numpy():
 
 
 def test_summarize_load_uses_vllm_definitions():
-    fast = RequestResult(loops=1, success=True, prompt_tokens=16, output_tokens=5, ttft=0.1,
-                         e2el=0.5, itl=[0.1] * 4)
+    fast = RequestResult(
+        loops=1, success=True, prompt_tokens=16, output_tokens=5, ttft=0.1, e2el=0.5, itl=[0.1] * 4
+    )
     failed = RequestResult(loops=2, error="HTTP 500")
     metrics = summarize_load([fast, failed], duration=2.0)
     assert (metrics["completed"], metrics["failed"]) == (1, 1)
@@ -71,14 +94,17 @@ def test_prompts_are_exact_length_and_reproducible():
     assert prompts != make_prompts(3, 16, seed=1, tag="main")
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["accuracy", "--loops", "0"], "loop counts must be >= 1, got 0"),
-    (["accuracy", "--loops", "1,x"], "loop counts must be integers"),
-    (["accuracy", "--tasks", "nope"], "unknown task(s) nope"),
-    (["accuracy", "--n", "0"], "expected an integer >= 1"),
-    (["serve", "--input-len", "-3"], "expected an integer >= 1"),
-    (["fly"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["accuracy", "--loops", "0"], "loop counts must be >= 1, got 0"),
+        (["accuracy", "--loops", "1,x"], "loop counts must be integers"),
+        (["accuracy", "--tasks", "nope"], "unknown task(s) nope"),
+        (["accuracy", "--n", "0"], "expected an integer >= 1"),
+        (["serve", "--input-len", "-3"], "expected an integer >= 1"),
+        (["fly"], "invalid choice"),
+    ],
+)
 def test_bad_arguments_exit_2_naming_the_flag(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", *argv])
@@ -102,7 +128,7 @@ def server(tmp_path_factory):
     from loopserve.server.launcher import start_server
 
     log = tmp_path_factory.mktemp("bench-server") / "server.log"
-    proc = start_server(["--max-model-len", "1024"], str(log))
+    proc = start_server(["--max-model-len", "1024", "--api-key", API_KEY], str(log))
     yield proc
     proc.stop()
 
@@ -111,9 +137,11 @@ def test_harness_flops_equal_the_servers_usage(server):
     from loopserve.benchmarks.accuracy import flops_model, request_flops
     from loopserve.benchmarks.cli import model_card
 
-    flops = flops_model(model_card(server.url, None), None)
+    flops = flops_model(model_card(server.url, API_KEY), None)
     body = {"prompt": "a=1, b=2, a=", "max_tokens": 5, "temperature": 0.0, "loops": 3}
-    usage = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()["usage"]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    response = httpx.post(f"{server.url}/v1/completions", json=body, headers=headers, timeout=120)
+    usage = response.json()["usage"]
     ours = request_flops(flops, 3, usage["prompt_tokens"], usage["completion_tokens"])
     assert ours == usage["total_flops"]
 
@@ -128,13 +156,32 @@ def test_bench_accuracy_end_to_end(server, tmp_path):
     from matplotlib.image import imread
 
     tasks = ["var_assign_d0_math", "preschool_math"]
-    argv = ["bench", "accuracy", "--url", server.url, "--n", "4", "--tasks", ",".join(tasks),
-            "--loops", "1,2", "--concurrency", "8", "--out", str(tmp_path)]
+    argv = [
+        "bench",
+        "accuracy",
+        "--url",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--n",
+        "4",
+        "--tasks",
+        ",".join(tasks),
+        "--loops",
+        "1,2",
+        "--concurrency",
+        "8",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
 
     rows = read_rows(tmp_path)
     assert [(r["task"], r["loops"]) for r in rows] == [
-        *((t, k) for k in (1, 2) for t in tasks), ("mean", 1), ("mean", 2)]
+        *((t, k) for k in (1, 2) for t in tasks),
+        ("mean", 1),
+        ("mean", 2),
+    ]
     for row in rows:
         assert set(row) == ROW_KEYS
         assert 0 <= row["ci95_low"] <= row["accuracy"] <= row["ci95_high"] <= 1
@@ -143,7 +190,8 @@ def test_bench_accuracy_end_to_end(server, tmp_path):
     assert all(by_key[t, 1]["n"] == 4 for t in tasks)
     assert by_key["mean", 2]["flops_per_token"] > by_key["mean", 1]["flops_per_token"]
     assert by_key["mean", 1]["accuracy"] == pytest.approx(
-        sum(by_key[t, 1]["accuracy"] for t in tasks) / 2)
+        sum(by_key[t, 1]["accuracy"] for t in tasks) / 2
+    )
 
     with (tmp_path / "accuracy.csv").open() as f:
         table = list(csv.DictReader(f))
@@ -157,27 +205,103 @@ def test_bench_accuracy_end_to_end(server, tmp_path):
 
 def test_bench_accuracy_on_a_dataset(server, tmp_path):
     dataset = tmp_path / "items.jsonl"
-    items = [{"prompt": "1+1=2\n2+3=", "answer": "5"}, {"prompt": "a=1, b=a, b=", "answer": "1"},
-             {"prompt": "x y z x y", "answer": "z", "task": "copy"}]
+    items = [
+        {"prompt": "1+1=2\n2+3=", "answer": "5"},
+        {"prompt": "a=1, b=a, b=", "answer": "1"},
+        {"prompt": "x y z x y", "answer": "z", "task": "copy"},
+    ]
     dataset.write_text("".join(json.dumps(i) + "\n\n" for i in items))
-    argv = ["bench", "accuracy", "--url", server.url, "--dataset", str(dataset), "--loops", "2",
-            "--out", str(tmp_path)]
+    argv = [
+        "bench",
+        "accuracy",
+        "--url",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--dataset",
+        str(dataset),
+        "--loops",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     rows = read_rows(tmp_path)
     assert [(r["task"], r["n"]) for r in rows] == [("dataset", 2), ("copy", 1), ("mean", 3)]
 
 
+def test_a_rejected_request_stops_accuracy_with_the_servers_reason(server, tmp_path, capsys):
+    dataset = tmp_path / "long.jsonl"
+    dataset.write_text(json.dumps({"prompt": "a b " * 1024, "answer": "a"}) + "\n")
+    argv = [
+        "bench",
+        "accuracy",
+        "--url",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--dataset",
+        str(dataset),
+        "--loops",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 2
+    assert "HTTP 400" in capsys.readouterr().err
+    assert not (tmp_path / "accuracy.json").exists()
+
+
 def test_loops_above_the_servers_max_is_a_clear_error(server, tmp_path, capsys):
-    argv = ["bench", "serve", "--url", server.url, "--loops", "1,5", "--out", str(tmp_path)]
+    argv = [
+        "bench",
+        "serve",
+        "--url",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--loops",
+        "1,5",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 2
     assert "--loops 5 exceeds the server's max_loops=4" in capsys.readouterr().err
 
 
+def test_a_missing_api_key_is_a_clear_error(server, tmp_path, capsys):
+    argv = ["bench", "serve", "--url", server.url, "--api-key", "", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "HTTP 401" in capsys.readouterr().err
+
+
 def test_bench_serve_end_to_end_with_a_baseline(server, tmp_path):
     # The same server stands in for the baseline: it must be sent no `loops` at all.
-    argv = ["bench", "serve", "--url", server.url, "--num-prompts", "6", "--input-len", "16",
-            "--output-len", "8", "--loops", "1,2", "--mixed", "--concurrency", "3",
-            "--baseline-url", server.url, "--out", str(tmp_path)]
+    argv = [
+        "bench",
+        "serve",
+        "--url",
+        server.url,
+        "--api-key",
+        API_KEY,
+        "--num-prompts",
+        "6",
+        "--input-len",
+        "16",
+        "--output-len",
+        "8",
+        "--loops",
+        "1,2",
+        "--mixed",
+        "--concurrency",
+        "3",
+        "--baseline-url",
+        server.url,
+        "--baseline-api-key",
+        API_KEY,
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
 
     result = json.loads((tmp_path / "serve.json").read_text())

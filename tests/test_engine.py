@@ -22,16 +22,18 @@ PROMPTS = [
     "import numpy as np\n\nx = np.",
 ]
 MAX_TOKENS = 16
-# Long enough to span several KV blocks and, at 64 tokens per step, several prefill chunks.
-LONG_PROMPT = (
+# Long enough to fill two of vLLM's CPU KV blocks (128 tokens), so the prefix cache has
+# something to reuse, and to need several 64-token prefill chunks.
+STORY = (
     "Here is a short story about a lighthouse keeper named Ada who lived alone on a rocky "
     "island. Every night she climbed the spiral stairs, lit the great lamp and watched the "
     "ships pass safely in the dark. One stormy evening a small fishing boat lost its way "
     "and Ada had to decide whether to leave her post to help. The wind howled, the waves "
     "crashed against the rocks, and the beam of the lamp swept across the black water again "
     "and again. She thought of her father, who had kept the light before her, and of the "
-    "promise she had made to him. Then she saw a flare rise from the boat. She"
+    "promise she had made to him. Then she saw a flare rise from the boat."
 )
+LONG_PROMPT = f"{STORY}\n\nThe next winter the same thing happened.\n\n{STORY} This time she"
 
 
 def greedy(loops: int, max_tokens: int = MAX_TOKENS):
@@ -60,7 +62,7 @@ def stock_k1(model_path):
 
 
 @pytest.fixture(scope="module")
-def looped(model_path, stock_k1):
+def looped(model_path):
     """Looped model: prefix caching on, 64-token steps so long prompts prefill in chunks."""
     llm = start_llm(model_path, enforce_eager=True, max_num_batched_tokens=64)
     yield llm
@@ -104,7 +106,7 @@ def test_mixed_batch_equals_solo_runs(looped):
 def test_chunked_prefill_equals_reference(looped, reference):
     """LONG_PROMPT needs several 64-token steps; the oracle sees it whole."""
     output = looped.generate([LONG_PROMPT], greedy(3), use_tqdm=False)[0]
-    assert len(output.prompt_token_ids) > 2 * 64
+    assert len(output.prompt_token_ids) > 2 * 128
     got = list(output.outputs[0].token_ids)
     assert got == reference.greedy(list(output.prompt_token_ids), 3, len(got))
 
@@ -117,10 +119,14 @@ def compiled_no_prefix_cache(model_path):
     stop_llm(llm)
 
 
-def run_prefix_order(llm, first: int, second: int):
-    """(LONG_PROMPT, first) then (LONG_PROMPT, second); returns the second output."""
-    llm.generate([LONG_PROMPT], greedy(first), use_tqdm=False)
-    return llm.generate([LONG_PROMPT], greedy(second), use_tqdm=False)[0]
+def run_prefix_order(llm, first: int, second: int, salt: str):
+    """(LONG_PROMPT, first) then (LONG_PROMPT, second); returns the second output.
+
+    Each order gets its own user cache salt so it cannot see the other order's entries.
+    """
+    prompt = {"prompt": LONG_PROMPT, "cache_salt": salt}
+    llm.generate([prompt], greedy(first), use_tqdm=False)
+    return llm.generate([prompt], greedy(second), use_tqdm=False)[0]
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +134,11 @@ def prefix_cached_runs(model_path):
     """Both orders on one prefix-caching engine, plus a same-k rerun to prove reuse happens."""
     llm = start_llm(model_path, enforce_eager=True, enable_prefix_caching=True)
     try:
-        k2_after_k3 = run_prefix_order(llm, 3, 2)
-        k3_after_k2 = run_prefix_order(llm, 2, 3)
-        k3_again = llm.generate([LONG_PROMPT], greedy(3), use_tqdm=False)[0]
+        k2_after_k3 = run_prefix_order(llm, 3, 2, "order-a")
+        k3_after_k2 = run_prefix_order(llm, 2, 3, "order-b")
+        k3_again = llm.generate(
+            [{"prompt": LONG_PROMPT, "cache_salt": "order-b"}], greedy(3), use_tqdm=False
+        )[0]
         return k2_after_k3, k3_after_k2, k3_again
     finally:
         stop_llm(llm)

@@ -236,6 +236,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {**GOOD, "repetition_penalty": 0}, 400, "repetition_penalty"),
     ("/v1/completions", {**GOOD, "logprobs": 100}, 400, "logprobs"),
     ("/v1/completions", {**GOOD, "stop": 5}, 400, "stop"),
+    ("/v1/completions", {**GOOD, "min_tokens": 5, "max_tokens": 2}, 400, "min_tokens"),
     ("/v1/completions", {**GOOD, "best_of": 2}, 400, "unsupported parameter: best_of"),
     ("/v1/completions", {**GOOD, "logit_bias": {"1": 2}}, 400, "unsupported parameter"),
     ("/v1/completions", {**GOOD, "stream_options": {"include_usage": True}}, 400, "stream"),
