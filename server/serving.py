@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loopserve.server.engine import LoopEngine
+from loopserve.server.loop_plan import LOOPS_KEY, LoopPlanError
 from loopserve.server.metrics import Metrics, RequestTimer
 from loopserve.server.protocol import (
     AssistantMessage,
@@ -38,6 +40,8 @@ from loopserve.server.protocol import (
 )
 
 DEFAULT_COMPLETION_TOKENS = 16
+
+logger = logging.getLogger("loopserve")
 
 
 class ClientError(ValueError):
@@ -192,19 +196,20 @@ class Serving:
     # ----- preparation ------------------------------------------------------------------
 
     def _call(self, kind: str, req: SamplingFields, jobs: list[Job], sampling: dict) -> Call:
-        plan = self.engine.plan
         try:
-            loops = plan.default_loops if req.loops is None else plan.check_loops(req.loops)
-        except ValueError as error:
+            params = self.engine.sampling_params(sampling, req.loops)
+        except LoopPlanError as error:
             raise ClientError(str(error), "loops") from error
+        except ValueError as error:  # vLLM's own checks, e.g. min_tokens > max_tokens
+            raise ClientError(str(error)) from error
         return Call(
-            f"{kind}-{uuid.uuid4().hex}",
-            int(time.time()),
-            self.engine.info.name,
-            req,
-            jobs,
-            sampling,
-            loops,
+            id=f"{kind}-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=self.engine.info.name,
+            req=req,
+            jobs=jobs,
+            params=params,
+            loops=params.extra_args[LOOPS_KEY],
         )
 
     def _max_tokens(
@@ -307,6 +312,7 @@ class Serving:
             status = 200
             yield "data: [DONE]\n\n"
         except Exception as error:  # the engine failed after the headers went out
+            logger.exception("loopserve: stream %s failed", call.id)
             status = 500
             body = {
                 "message": f"generation failed: {type(error).__name__}",
