@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import sys
 import time
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from loopserve.benchmarks import report
 from loopserve.benchmarks.cli import BenchError, auth_headers, check_loops, model_card
+from loopserve.clients.client import DONE, LoopserveError, parse_sse_line
 
 TOKEN_RANGE = (100, 20000)  # plain vocabulary ids in any tokenizer of 32k+ entries
 WARMUP_REQUESTS = 2
@@ -130,19 +130,6 @@ def request_body(
 # ---------------------------------------------------------------- streaming
 
 
-def _event(line: str) -> dict[str, Any] | None:
-    """A parsed SSE data line, None for other lines and for the final [DONE]."""
-    if not line.startswith("data:"):
-        return None
-    data = line[len("data:") :].strip()
-    if data == "[DONE]":
-        return None
-    event = json.loads(data)
-    if "error" in event:
-        raise BenchError(f"stream error: {event['error']}")
-    return event
-
-
 async def stream_request(http: httpx.AsyncClient, body: dict[str, Any]) -> RequestResult:
     """Send one streamed completion; a chunk with choices marks a token arrival (as in vLLM)."""
     result = RequestResult(loops=body.get("loops"), prompt_tokens=len(body["prompt"]))
@@ -156,8 +143,8 @@ async def stream_request(http: httpx.AsyncClient, body: dict[str, Any]) -> Reque
                 result.error = f"HTTP {response.status_code}: {response.text[:500]}"
                 return result
             async for line in response.aiter_lines():
-                event = _event(line)
-                if event is None:
+                event = parse_sse_line(line)
+                if event is None or event is DONE:
                     continue
                 now = time.perf_counter()
                 if event.get("choices"):
@@ -167,7 +154,7 @@ async def stream_request(http: httpx.AsyncClient, body: dict[str, Any]) -> Reque
                         result.itl.append(now - last)
                     last, chunks = now, chunks + 1
                 usage = event.get("usage") or usage
-    except (httpx.HTTPError, BenchError, ValueError) as error:
+    except (httpx.HTTPError, LoopserveError, ValueError) as error:
         result.error = f"{type(error).__name__}: {error}"
         return result
     result.e2el = time.perf_counter() - start

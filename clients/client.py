@@ -58,11 +58,14 @@ def _raise_for(response: httpx.Response) -> None:
 DONE: dict[str, Any] = {}
 
 
-def _event(line: str) -> dict[str, Any] | None:
-    """One SSE line: an event, None for a non-data line, DONE at the end of the stream."""
-    if not line.startswith("data: "):
+def parse_sse_line(line: str) -> dict[str, Any] | None:
+    """One SSE line: an event, None for a non-data line, DONE at the end of the stream.
+
+    An error event (a failure after the response started) raises LoopserveError.
+    """
+    if not line.startswith("data:"):
         return None
-    data = line[len("data: ") :]
+    data = line[len("data:") :].strip()
     if data == "[DONE]":
         return DONE
     event = json.loads(data)
@@ -73,7 +76,7 @@ def _event(line: str) -> dict[str, Any] | None:
 
 def _events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
     for line in lines:
-        event = _event(line)
+        event = parse_sse_line(line)
         if event is DONE:
             return
         if event is not None:
@@ -225,7 +228,7 @@ class AsyncLoopserveClient:
                 await response.aread()
                 _raise_for(response)
             async for line in response.aiter_lines():
-                event = _event(line)
+                event = parse_sse_line(line)
                 if event is DONE:
                     return
                 if event is not None:

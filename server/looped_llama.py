@@ -90,7 +90,11 @@ class LoopedLlamaModel(nn.Module):
     def _pass_attention(
         self, vllm_config: VllmConfig, prefix: str, pass_index: int, layer_index: int
     ) -> Attention:
-        """A fresh Attention (own KV plane) for pass `pass_index` of block layer `layer_index`."""
+        """A fresh Attention (own KV plane) for pass `pass_index` of block layer `layer_index`.
+
+        It copies the base layer's attention settings, sliding window included, so a pass
+        attends exactly as the layer's first pass does.
+        """
         base = self.layers[layer_index].self_attn
         virtual_index = (pass_index - 1) * self.plan.num_layers + layer_index
         return Attention(
@@ -100,6 +104,7 @@ class LoopedLlamaModel(nn.Module):
             num_kv_heads=base.num_kv_heads,
             cache_config=vllm_config.cache_config,
             quant_config=vllm_config.quant_config,
+            per_layer_sliding_window=base.attn.sliding_window,
             prefix=f"{prefix}.layers.{virtual_index}.self_attn.attn",
         )
 
