@@ -87,8 +87,10 @@ def _backoff(attempt: int, base: float) -> float:
     return base * (2**attempt)
 
 
-class LoopserveClient:
-    """Synchronous client. `with LoopserveClient(url) as client: client.complete(...)`."""
+class _ClientBase:
+    """Connection settings shared by the sync and async clients."""
+
+    _transport: type = httpx.Client
 
     def __init__(
         self,
@@ -99,8 +101,12 @@ class LoopserveClient:
         backoff: float = 0.5,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
+        self._http = self._transport(base_url=base_url, headers=headers, timeout=timeout)
         self.retries, self.backoff = retries, backoff
+
+
+class LoopserveClient(_ClientBase):
+    """Synchronous client. `with LoopserveClient(url) as client: client.complete(...)`."""
 
     def __enter__(self) -> LoopserveClient:
         return self
@@ -164,20 +170,10 @@ class LoopserveClient:
                 yield ChatCompletionChunk.model_validate(event)
 
 
-class AsyncLoopserveClient:
+class AsyncLoopserveClient(_ClientBase):
     """Asynchronous twin of `LoopserveClient`."""
 
-    def __init__(
-        self,
-        base_url: str = "http://127.0.0.1:8000",
-        api_key: str | None = None,
-        timeout: float = 120.0,
-        retries: int = 3,
-        backoff: float = 0.5,
-    ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout)
-        self.retries, self.backoff = retries, backoff
+    _transport = httpx.AsyncClient
 
     async def __aenter__(self) -> AsyncLoopserveClient:
         return self
