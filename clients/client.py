@@ -151,23 +151,22 @@ class LoopserveClient(_ClientBase):
         self, prompt: str | list[int], *, loops: int | None = None, **fields: Any
     ) -> Iterator[CompletionResponse]:
         body = _payload(loops, True, {"prompt": prompt, **fields})
-        with self._http.stream("POST", "/v1/completions", json=body) as response:
-            if response.status_code >= 400:
-                response.read()
-                _raise_for(response)
-            for event in _events(response.iter_lines()):
-                yield CompletionResponse.model_validate(event)
+        for event in self._stream("/v1/completions", body):
+            yield CompletionResponse.model_validate(event)
 
     def stream_chat(
         self, messages: list[dict[str, Any]], *, loops: int | None = None, **fields: Any
     ) -> Iterator[ChatCompletionChunk]:
         body = _payload(loops, True, {"messages": messages, **fields})
-        with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
+        for event in self._stream("/v1/chat/completions", body):
+            yield ChatCompletionChunk.model_validate(event)
+
+    def _stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        with self._http.stream("POST", path, json=body) as response:
             if response.status_code >= 400:
                 response.read()
                 _raise_for(response)
-            for event in _events(response.iter_lines()):
-                yield ChatCompletionChunk.model_validate(event)
+            yield from _events(response.iter_lines())
 
 
 class AsyncLoopserveClient(_ClientBase):

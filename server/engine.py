@@ -18,9 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from loopserve.server.flops import FlopsModel, ModelShape
-from loopserve.server.loop_plan import LOOPS_KEY, LoopPlan, LoopPlanError
+from loopserve.server.loop_plan import (
+    ARCHITECTURE,
+    LOOPS_KEY,
+    PLAN_CONFIG_KEY,
+    LoopPlan,
+    LoopPlanError,
+)
 
-ARCHITECTURE = "LoopedLlamaForCausalLM"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 
@@ -105,7 +110,7 @@ def vllm_engine_kwargs(config: EngineConfig) -> tuple[dict[str, Any], ModelInfo]
     kwargs: dict[str, Any] = {
         "model": model,
         "served_model_name": info.name,
-        "hf_overrides": {"architectures": [ARCHITECTURE], "loop_plan": plan.to_dict()},
+        "hf_overrides": {"architectures": [ARCHITECTURE], PLAN_CONFIG_KEY: plan.to_dict()},
         "dtype": config.dtype,
         "max_model_len": config.max_model_len,
         "tensor_parallel_size": config.tensor_parallel_size,

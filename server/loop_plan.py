@@ -12,6 +12,10 @@ from typing import Any
 
 DEFAULT_BLOCK_SIZE = 4
 LOOPS_KEY = "loops"
+# The vLLM architecture name of the looped model, and the HF config key (set through
+# `hf_overrides`) that carries its plan into every vLLM process.
+ARCHITECTURE = "LoopedLlamaForCausalLM"
+PLAN_CONFIG_KEY = "loop_plan"
 
 
 class LoopPlanError(ValueError):

@@ -35,11 +35,8 @@ from vllm.model_executor.models.utils import (
 from vllm.sequence import IntermediateTensors
 
 from loopserve.kernels.loop_step import loop_step
-from loopserve.server.loop_plan import LoopPlan
+from loopserve.server.loop_plan import PLAN_CONFIG_KEY, LoopPlan
 from loopserve.server.loop_schedule import LoopSchedule
-
-ARCHITECTURE = "LoopedLlamaForCausalLM"
-PLAN_CONFIG_KEY = "loop_plan"
 
 
 class MissingLoopCounts(RuntimeError):

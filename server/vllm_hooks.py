@@ -27,11 +27,10 @@ from typing import Any
 import numpy as np
 import vllm
 
-from loopserve.server.loop_plan import LOOPS_KEY, LoopPlan, loop_cache_salt
+from loopserve.server.loop_plan import ARCHITECTURE, LOOPS_KEY, LoopPlan, loop_cache_salt
 
 SUPPORTED_VLLM = "0.32."
 MODEL_CLASS = "loopserve.server.looped_llama:LoopedLlamaForCausalLM"
-ARCHITECTURE = "LoopedLlamaForCausalLM"
 
 logger = logging.getLogger("loopserve")
 
