@@ -8,7 +8,7 @@ the loop-step kernel only scatters them by precomputed slots.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,7 +29,6 @@ class LoopSchedule:
     full_pass: list[bool]
     next_slot: list[torch.Tensor]
     num_next: list[int]
-    update_ratios: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
     def build(cls, token_loops: np.ndarray, device: torch.device | str) -> LoopSchedule:

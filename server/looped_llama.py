@@ -192,7 +192,6 @@ class LoopedLlamaModel(nn.Module):
                 out_hidden,
                 out_residual,
             )
-            schedule.update_ratios.append(step.update_ratio)
             normed, stream = step.next_hidden, step.next_residual
         return out_hidden, out_residual
 
