@@ -1,14 +1,16 @@
 """Engine throughput, side by side in one run: stock vLLM vs the looped model per k.
 
 Decode-heavy offline load (default: batch 16, 64 prompt tokens, 64 generated, EOS
-ignored). Each configuration runs `--repeats` times after a warm-up; the median wall
-time counts. Prints the ratios the engine issue asks for:
+ignored), stock and looped alike at vLLM's default settings (compiled; `--enforce-eager`
+turns compilation off for both). Each configuration runs `--repeats` times after a
+warm-up; the median wall time counts. Prints the ratios the engine issues ask for:
 
 - k=1 looped vs stock vLLM (same checkpoint): throughput ratio, goal >= 0.97;
 - k=2, k=4 vs the ideal from executed depth: (t_k / t_1) / (depth_k / depth_1), goal <= 1.05;
 - a load mixing k in {1, 2, 4} vs the ideal from the fixed-k runs, goal >= 0.90.
 
-    python -m loopserve.benchmarks.engine_throughput [--dtype bfloat16] [--out FILE]
+    python -m loopserve.benchmarks.engine_throughput [--dtype bfloat16] [--model DIR]
+        [--enforce-eager] [--out FILE]
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     common = {
         "dtype": args.dtype,
         "max_model_len": 1024,
-        "enforce_eager": True,
+        "enforce_eager": args.enforce_eager,
         "enable_prefix_caching": False,
     }
     config = EngineConfig(model=args.model, max_loops=4, **common)
@@ -109,6 +111,9 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--enforce-eager", action="store_true", help="no compilation, stock and looped alike"
+    )
     parser.add_argument("--out", help="write the JSON result here")
     result = run(parser.parse_args())
     text = json.dumps(result, indent=2)

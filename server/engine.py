@@ -19,14 +19,12 @@ from typing import Any
 
 from loopserve.server.flops import FlopsModel, ModelShape
 from loopserve.server.loop_plan import (
-    ARCHITECTURE,
     LOOPS_KEY,
     PLAN_CONFIG_KEY,
     LoopPlan,
     LoopPlanError,
+    looped_architecture,
 )
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 
 @dataclass
@@ -67,13 +65,17 @@ def read_hf_config(model: str) -> dict[str, Any]:
     return AutoConfig.from_pretrained(model).to_dict()
 
 
+def checkpoint_architecture(hf_config: dict[str, Any]) -> str:
+    """The checkpoint's vLLM architecture; refused unless loopserve can loop it."""
+    architectures = hf_config.get("architectures") or []
+    if len(architectures) != 1:
+        raise LoopPlanError(f"expected one architecture in config.json, got {architectures}")
+    looped_architecture(architectures[0])  # raises, listing the supported ones
+    return architectures[0]
+
+
 def build_plan(config: EngineConfig, hf_config: dict[str, Any]) -> LoopPlan:
-    model_type = hf_config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise LoopPlanError(
-            f"model type {model_type!r} is not supported; loopserve loops "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints"
-        )
+    checkpoint_architecture(hf_config)
     return LoopPlan.for_model(
         hf_config["num_hidden_layers"], config.loop_block, config.max_loops, config.default_loops
     )
@@ -110,7 +112,10 @@ def vllm_engine_kwargs(config: EngineConfig) -> tuple[dict[str, Any], ModelInfo]
     kwargs: dict[str, Any] = {
         "model": model,
         "served_model_name": info.name,
-        "hf_overrides": {"architectures": [ARCHITECTURE], PLAN_CONFIG_KEY: plan.to_dict()},
+        "hf_overrides": {
+            "architectures": [looped_architecture(checkpoint_architecture(hf_config))],
+            PLAN_CONFIG_KEY: plan.to_dict(),
+        },
         "dtype": config.dtype,
         "max_model_len": config.max_model_len,
         "tensor_parallel_size": config.tensor_parallel_size,

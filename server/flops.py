@@ -1,14 +1,17 @@
 """The one FLOPs model: forward FLOPs of executed layers, used by server usage and bench.
 
-Per token at context length T (keys attended = position + 1), matmul = 2 FLOPs per MAC:
+Per token at position t, matmul = 2 FLOPs per MAC, summed over the executed layers:
 
-    F(k, T) = 2 * (N_lm_head + sum_executed N_layer) + sum_executed 4 * T * n_heads * head_dim
+    F(k, t) = 2 * (N_lm_head + sum_executed N_layer) + sum_executed 4 * T_l * n_heads * head_dim
 
-N_layer counts the layer's weight matrices (q, k, v, o, gate, up, down; norms are
-negligible); the embedding lookup is free. The lm_head counts for every token, as in a
-full forward of the reference model (vLLM computes logits only where it samples, so
-this slightly over-counts prefill; the same convention holds for every loop count).
-Torch-free: the HTTP layer and the harness import it.
+with T_l the keys layer l attends to: t + 1, or min(t + 1, W) for a layer with a sliding
+window W (Mistral's, or the sliding layers of Gemma-2/3 and Qwen's `layer_types`).
+N_layer counts the layer's weight matrices (q, k, v at their GQA widths, o, gate, up,
+down); biases, norms, softcaps and the embedding lookup are not matmuls and are not
+counted, and a tied lm_head costs the same matmul as an untied one. The lm_head counts
+for every token, as in a full forward of the reference model (vLLM computes logits only
+where it samples, so this slightly over-counts prefill; the same convention holds for
+every loop count). Torch-free: the HTTP layer and the harness import it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ class ModelShape:
     head_dim: int
     intermediate_size: int
     vocab_size: int
+    # Per layer of the checkpoint: its sliding window, or None for full attention.
+    layer_windows: tuple[int | None, ...] = ()
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelShape:
@@ -38,7 +43,11 @@ class ModelShape:
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
             intermediate_size=config["intermediate_size"],
             vocab_size=config["vocab_size"],
+            layer_windows=_layer_windows(config),
         )
+
+    def window(self, layer: int) -> int | None:
+        return self.layer_windows[layer] if self.layer_windows else None
 
     @property
     def layer_params(self) -> int:
@@ -54,30 +63,58 @@ class ModelShape:
         return self.hidden_size * self.vocab_size
 
 
+def _layer_windows(config: dict[str, Any]) -> tuple[int | None, ...]:
+    """Sliding window per layer, read the way transformers' configs declare it."""
+    num_layers = config.get("num_hidden_layers", 0)
+    window = config.get("sliding_window")
+    if not window or config.get("use_sliding_window") is False:
+        return (None,) * num_layers
+    layer_types = config.get("layer_types")
+    if layer_types is None:
+        return (window,) * num_layers  # Mistral-style: every layer slides
+    return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
+
+
+def _keys(n: int, window: int | None) -> int:
+    """Keys attended by the tokens at positions [0, n) of one layer, summed."""
+    if window is None or n <= window:
+        return n * (n + 1) // 2
+    return window * (window + 1) // 2 + (n - window) * window
+
+
 @dataclass(frozen=True)
 class FlopsModel:
     shape: ModelShape
     plan: LoopPlan
 
-    def _terms(self, loops: int) -> tuple[int, int]:
-        """(FLOPs independent of context, FLOPs per attended key) for one token."""
+    def _fixed(self, loops: int) -> int:
+        """FLOPs of one token that do not depend on its context."""
         depth = self.plan.executed_depth(self.plan.check_loops(loops))
-        fixed = 2 * (self.shape.lm_head_params + depth * self.shape.layer_params)
-        per_key = depth * 4 * self.shape.num_heads * self.shape.head_dim
-        return fixed, per_key
+        return 2 * (self.shape.lm_head_params + depth * self.shape.layer_params)
+
+    @property
+    def _per_key(self) -> int:
+        """FLOPs of one layer per attended key: q.k and p.v over all heads."""
+        return 4 * self.shape.num_heads * self.shape.head_dim
+
+    def attended_keys(self, loops: int, start: int, stop: int) -> int:
+        """Keys attended by the tokens at positions [start, stop), over executed layers."""
+        return sum(
+            _keys(stop, self.shape.window(layer)) - _keys(start, self.shape.window(layer))
+            for layer in self.plan.executed_layers(loops)
+        )
 
     def per_token(self, loops: int, context: int) -> int:
-        """F(k, T): one token that attends to `context` keys."""
-        fixed, per_key = self._terms(loops)
-        return fixed + per_key * context
+        """F(k, t): the token at position `context - 1` (it attends to `context` keys)."""
+        return self.span(loops, context - 1, context)
 
     def span(self, loops: int, start: int, stop: int) -> int:
         """Sum of F over the tokens at positions [start, stop) of one sequence."""
         if stop <= start:
             return 0
-        fixed, per_key = self._terms(loops)
-        keys = stop * (stop + 1) // 2 - start * (start + 1) // 2  # sum of (position + 1)
-        return fixed * (stop - start) + per_key * keys
+        return self._fixed(loops) * (stop - start) + self._per_key * self.attended_keys(
+            loops, start, stop
+        )
 
     def request(self, loops: int, prompt_tokens: int, completion_tokens: int) -> tuple[int, int]:
         """(prompt FLOPs, completion FLOPs) of one request."""

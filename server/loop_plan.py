@@ -12,14 +12,36 @@ from typing import Any
 
 DEFAULT_BLOCK_SIZE = 4
 LOOPS_KEY = "loops"
-# The vLLM architecture name of the looped model, and the HF config key (set through
-# `hf_overrides`) that carries its plan into every vLLM process.
-ARCHITECTURE = "LoopedLlamaForCausalLM"
+# The HF config key (set through `hf_overrides`) that carries the plan into every vLLM
+# process.
 PLAN_CONFIG_KEY = "loop_plan"
+# vLLM architectures whose own model class loopserve runs looped (each one tested). Any
+# of them follows vLLM's decoder-layer contract: `layer(positions, hidden_states,
+# residual) -> (hidden_states, residual)`, one `Attention` per layer.
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+)
+LOOPED_PREFIX = "Looped"
 
 
 class LoopPlanError(ValueError):
     """A loop plan or a loop count that cannot run; the message says why."""
+
+
+def looped_architecture(architecture: str) -> str:
+    """The vLLM architecture name under which `architecture` runs looped."""
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise LoopPlanError(
+            f"architecture {architecture!r} is not supported; loopserve loops "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return LOOPED_PREFIX + architecture
 
 
 def default_block(num_layers: int, size: int = DEFAULT_BLOCK_SIZE) -> tuple[int, int]:
@@ -118,6 +140,18 @@ class LoopPlan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoopPlan:
         return cls(**data)
+
+
+def plan_from_hf_config(hf_config: Any) -> LoopPlan:
+    """The plan an HF config carries (set through `hf_overrides`), else the default one.
+
+    Takes the config object vLLM builds or its dict form.
+    """
+    config = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+    data = config.get(PLAN_CONFIG_KEY)
+    if data is None:
+        return LoopPlan.for_model(config["num_hidden_layers"])
+    return LoopPlan.from_dict(dict(data))
 
 
 def loop_cache_salt(salt: str | None, loops: int) -> str:

@@ -2,13 +2,14 @@
 
 vLLM flattens every scheduled token of every request into one batch; each token carries
 its request's loop count k. The schedule is computed once per step on the host (the
-counts are known before the forward), so the model's pass loop only gathers rows and
-the loop-step kernel only scatters them by precomputed slots.
+counts are known before the forward), so the pass loop only gathers rows by precomputed
+indices. A step whose tokens all run k=1 needs no tensors at all: `build` returns a
+schedule without them, and the model takes vLLM's own (compiled) forward.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,38 +17,50 @@ import torch
 
 @dataclass
 class LoopSchedule:
-    """Rows per pass and the hand-over from each pass to the next.
+    """Rows per pass and the hand-over from each pass to the next (p indexes pass p+1).
 
-    `pass_rows[p]` are the batch rows running pass p+1; `full_pass[p]` says they are all
-    rows, in order, so the model skips gathers. `next_slot[p]`, one entry per row of pass
-    p+1, is the row's position among the rows of pass p+2, or -1 where it has finished.
+    `pass_rows[p]`: batch rows running pass p+1; `full_pass[p]`: they are all rows, in
+    order. Among those rows, `keep[p]` index the ones that run pass p+2 (in order) and
+    `done[p]` the ones that stop after pass p+1, whose batch rows are `done_rows[p]`.
+    `next_slot[p]` (one entry per row of pass p+1: its position among the rows of pass
+    p+2, or -1) and `num_next[p]` are the same hand-over in the loop-step kernel's terms.
     """
 
     num_tokens: int
     max_loops: int
-    pass_rows: list[torch.Tensor]
-    full_pass: list[bool]
-    next_slot: list[torch.Tensor]
-    num_next: list[int]
+    pass_rows: list[torch.Tensor] = field(default_factory=list)
+    full_pass: list[bool] = field(default_factory=list)
+    keep: list[torch.Tensor] = field(default_factory=list)
+    done: list[torch.Tensor] = field(default_factory=list)
+    done_rows: list[torch.Tensor] = field(default_factory=list)
+    next_slot: list[torch.Tensor] = field(default_factory=list)
+    num_next: list[int] = field(default_factory=list)
 
     @classmethod
     def build(cls, token_loops: np.ndarray, device: torch.device | str) -> LoopSchedule:
         loops = np.asarray(token_loops, dtype=np.int64)
         n = int(loops.shape[0])
-        max_loops = int(loops.max()) if n else 1
         if n and int(loops.min()) < 1:
             raise ValueError(f"every token needs a loop count >= 1, got {int(loops.min())}")
+        max_loops = int(loops.max()) if n else 1
+        schedule = cls(n, max_loops)
+        if max_loops == 1:
+            return schedule
+
+        def to_device(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(device, non_blocking=True)
+
         rows = np.arange(n)
-        pass_rows: list[torch.Tensor] = []
-        full_pass: list[bool] = []
-        next_slot: list[torch.Tensor] = []
-        num_next: list[int] = []
         for pass_index in range(1, max_loops + 1):
-            pass_rows.append(torch.from_numpy(rows).to(device, non_blocking=True))
-            full_pass.append(len(rows) == n)
             continuing = loops[rows] > pass_index
-            slot = np.where(continuing, np.cumsum(continuing) - 1, -1)
-            next_slot.append(torch.from_numpy(slot).to(device, non_blocking=True))
+            schedule.pass_rows.append(to_device(rows))
+            schedule.full_pass.append(len(rows) == n)
+            schedule.keep.append(to_device(np.flatnonzero(continuing)))
+            schedule.done.append(to_device(np.flatnonzero(~continuing)))
+            schedule.done_rows.append(to_device(rows[~continuing]))
+            schedule.next_slot.append(
+                to_device(np.where(continuing, np.cumsum(continuing) - 1, -1))
+            )
             rows = rows[continuing]
-            num_next.append(len(rows))
-        return cls(n, max_loops, pass_rows, full_pass, next_slot, num_next)
+            schedule.num_next.append(len(rows))
+        return schedule

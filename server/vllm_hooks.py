@@ -1,36 +1,49 @@
 """The only module that touches vLLM internals; loaded in every vLLM process as a plugin.
 
 vLLM has no public way to hand a model per-request data at each step, nor to keep
-prefix-cache entries of different depths apart, so loopserve hooks four private places.
+prefix-cache entries of different depths apart, so loopserve hooks a few private places.
 Each is checked against the vLLM release it was written for: on another release this
 module fails at import with a message naming what to check, rather than run silently
 wrong.
 
-1. Config (`MODELS_CONFIG_MAP`): for the looped architecture turn torch.compile and
-   CUDA graphs off (a data-dependent pass loop would be frozen at the traced trip count),
-   keep the V1 model runner (the hook in 2 lives there), refuse pipeline parallelism.
+1. Config (`MODELS_CONFIG_MAP`): for a looped architecture refuse what the looped block
+   cannot serve exactly (pipeline parallelism, LoRA, speculative decoding), keep the V1
+   model runner (the hook in 2 lives there) and add the admission check of loop counts
+   (`loop_admission`, a logits-processor validator) to the engine.
 2. Model runner (`GPUModelRunner._model_forward`, `_dummy_run`; the CPU runner inherits
    them): publish per-token loop counts for the step, from each request's
-   `SamplingParams.extra_args["loops"]`; dummy/profile runs use `max_loops`.
+   `SamplingParams.extra_args["loops"]`; dummy runs (warm-up, compilation, profiling)
+   use k=1, the path vLLM compiles. A looped step runs without CUDA graphs
+   (`eager_model_calls`).
 3. Engine core (`Request.from_engine_core_request`): fold the loop count into the
    request's prefix-cache salt, so KV computed at one depth is never reused at another.
-4. Registry: `ModelRegistry.register_model` (public) for the architecture itself.
+4. Registry: `ModelRegistry.register_model` (public) for `Looped<Arch>` of every
+   supported architecture; `vllm_model_class` finds vLLM's own class for `<Arch>`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import vllm
 
-from loopserve.server.loop_plan import ARCHITECTURE, LOOPS_KEY, LoopPlan, loop_cache_salt
+from loopserve.server.loop_plan import (
+    LOOPS_KEY,
+    SUPPORTED_ARCHITECTURES,
+    LoopPlan,
+    loop_cache_salt,
+    looped_architecture,
+    plan_from_hf_config,
+)
 
 SUPPORTED_VLLM = "0.32."
-MODEL_CLASS = "loopserve.server.looped_llama:LoopedLlamaForCausalLM"
+MODEL_MODULE = "loopserve.server.looped_model"
 
 logger = logging.getLogger("loopserve")
 
@@ -40,6 +53,9 @@ if not vllm.__version__.startswith(SUPPORTED_VLLM):
         f"{vllm.__version__}; check vllm_hooks.py against the new release before use"
     )
 
+from vllm.config import CUDAGraphMode  # noqa: E402
+from vllm.forward_context import ForwardContext, get_forward_context  # noqa: E402
+from vllm.model_executor.models import ModelRegistry  # noqa: E402
 from vllm.model_executor.models.config import (  # noqa: E402
     MODELS_CONFIG_MAP,
     VerifyAndUpdateConfig,
@@ -52,32 +68,63 @@ for _owner, _name in (
     (GPUModelRunner, "_dummy_run"),
     (GPUModelRunner, "get_model"),
     (Request, "from_engine_core_request"),
+    (ModelRegistry, "_try_load_model_cls"),
 ):
     if not hasattr(_owner, _name):
         raise ImportError(
             f"vLLM {vllm.__version__} has no {_owner.__name__}.{_name}: loopserve's hooks "
             "do not fit this release"
         )
+for _field in ("skip_compiled", "cudagraph_runtime_mode"):
+    if _field not in ForwardContext.__dataclass_fields__:
+        raise ImportError(f"vLLM {vllm.__version__}'s ForwardContext has no {_field}")
+
+
+def vllm_model_class(architecture: str) -> type:
+    """vLLM's own model class for `architecture`, as its registry resolves it."""
+    cls = ModelRegistry._try_load_model_cls(architecture)
+    if cls is None:
+        raise ValueError(f"vLLM {vllm.__version__} has no model class for {architecture}")
+    return cls
+
+
+@contextlib.contextmanager
+def eager_model_calls() -> Iterator[None]:
+    """Within one forward: compiled modules run their eager forward, no CUDA graph.
+
+    A looped step's layer order depends on its batch, which a compiled graph or a
+    captured CUDA graph would freeze; vLLM's own switch for such calls is the forward
+    context's `skip_compiled`.
+    """
+    context = get_forward_context()
+    saved = context.skip_compiled
+    context.skip_compiled = True
+    try:
+        yield
+    finally:
+        context.skip_compiled = saved
 
 
 class LoopedModelConfig(VerifyAndUpdateConfig):
-    """Config hook vLLM calls while building the VllmConfig of the looped architecture."""
+    """Config hook vLLM calls while building the VllmConfig of a looped architecture."""
 
     @staticmethod
     def verify_and_update_config(vllm_config: Any) -> None:
-        if vllm_config.parallel_config.pipeline_parallel_size > 1:
-            raise ValueError(
-                "loopserve: pipeline parallelism is not supported (the looped block must "
-                "stay inside one stage); use tensor parallelism instead"
-            )
-        model_config = vllm_config.model_config
-        if not model_config.enforce_eager:
-            logger.warning(
-                "loopserve: running the looped model eagerly (torch.compile and CUDA graphs "
-                "off): its pass loop depends on each batch's loop counts, which a compiled "
-                "graph or a captured CUDA graph would freeze"
-            )
-            model_config.enforce_eager = True
+        from loopserve.server.loop_admission import validator_for
+
+        refused = {
+            "pipeline parallelism (the looped block must stay inside one stage; use "
+            "tensor parallelism)": vllm_config.parallel_config.pipeline_parallel_size > 1,
+            "LoRA adapters (a subset pass would apply the adapters of other rows)": (
+                vllm_config.lora_config is not None
+            ),
+            "speculative decoding (draft and target would disagree on depth)": (
+                vllm_config.speculative_config is not None
+            ),
+        }
+        for what, present in refused.items():
+            if present:
+                raise ValueError(f"loopserve: {what} is not supported with a looped model")
         if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "") in ("1", "true", "True"):
             raise ValueError(
                 "loopserve: the looped model needs vLLM's V1 model runner; "
@@ -86,6 +133,12 @@ class LoopedModelConfig(VerifyAndUpdateConfig):
         if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
             logger.info("loopserve: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        model_config = vllm_config.model_config
+        plan = plan_from_hf_config(model_config.hf_config)
+        validator = validator_for(plan)
+        processors = list(model_config.logits_processors or [])
+        if validator not in processors:
+            model_config.logits_processors = [*processors, validator]
 
 
 def _looped_model(runner: Any) -> Any | None:
@@ -113,7 +166,10 @@ def _wrap_model_forward(original):
         if model is None:
             return original(self, input_ids, positions, *args, **kwargs)
         num_tokens = positions.shape[-1]
-        with model.looping(_step_token_loops(self, model.loop_plan, num_tokens)):
+        with model.looping(_step_token_loops(self, model.loop_plan, num_tokens)) as schedule:
+            if schedule.max_loops > 1:
+                # A captured CUDA graph would replay the k=1 forward it captured.
+                get_forward_context().cudagraph_runtime_mode = CUDAGraphMode.NONE
             return original(self, input_ids, positions, *args, **kwargs)
 
     return _model_forward
@@ -125,8 +181,9 @@ def _wrap_dummy_run(original):
         model = _looped_model(self)
         if model is None:
             return original(self, num_tokens, *args, **kwargs)
-        worst_case = np.full(num_tokens, model.loop_plan.max_loops, dtype=np.int64)
-        with model.looping(worst_case):
+        # k=1 for every token, whatever padding vLLM adds: the path vLLM warms up,
+        # compiles and captures is the one k=1 steps take.
+        with model.looping(np.ones(1, dtype=np.int64)):
             return original(self, num_tokens, *args, **kwargs)
 
     return _dummy_run
@@ -152,10 +209,11 @@ def register() -> None:
     global _installed
     if _installed:
         return
-    from vllm import ModelRegistry
 
-    ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
-    MODELS_CONFIG_MAP[ARCHITECTURE] = LoopedModelConfig
+    for architecture in SUPPORTED_ARCHITECTURES:
+        looped = looped_architecture(architecture)
+        ModelRegistry.register_model(looped, f"{MODEL_MODULE}:{looped}")
+        MODELS_CONFIG_MAP[looped] = LoopedModelConfig
     GPUModelRunner._model_forward = _wrap_model_forward(GPUModelRunner._model_forward)
     GPUModelRunner._dummy_run = _wrap_dummy_run(GPUModelRunner._dummy_run)
     Request.from_engine_core_request = _wrap_from_engine_core_request(

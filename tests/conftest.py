@@ -31,6 +31,15 @@ def reference(model_path):
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, model_path):
+    """`tiny_checkpoint(architecture)`: a tiny random checkpoint, made once per run."""
+    from tiny_models import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-checkpoints")
+    return lambda architecture: make_tiny_checkpoint(architecture, root, model_path)
+
+
+@pytest.fixture(scope="session")
 def tokenizer(model_path):
     from transformers import AutoTokenizer
 

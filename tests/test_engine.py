@@ -48,7 +48,7 @@ def token_ids(outputs) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def stock_k1(model_path):
-    """Stock vLLM (stock Llama, no plugin model) greedy outputs, engine stopped afterwards."""
+    """Stock vLLM (stock Llama, no plugin model) at its defaults (compiled), stopped after."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model_path, dtype="float32", max_model_len=1024, seed=0)
@@ -63,8 +63,8 @@ def stock_k1(model_path):
 
 @pytest.fixture(scope="module")
 def looped(model_path):
-    """Looped model: prefix caching on, 64-token steps so long prompts prefill in chunks."""
-    llm = start_llm(model_path, enforce_eager=True, max_num_batched_tokens=64)
+    """vLLM's defaults (compiled), prefix caching on, 64-token steps (chunked prefill)."""
+    llm = start_llm(model_path, max_num_batched_tokens=64)
     yield llm
     stop_llm(llm)
 
@@ -111,14 +111,6 @@ def test_chunked_prefill_equals_reference(looped, reference):
     assert got == reference.greedy(list(output.prompt_token_ids), 3, len(got))
 
 
-@pytest.fixture(scope="module")
-def compiled_no_prefix_cache(model_path):
-    """vLLM's default compilation settings (the plugin must make them safe), no prefix cache."""
-    llm = start_llm(model_path, enforce_eager=False, enable_prefix_caching=False)
-    yield llm
-    stop_llm(llm)
-
-
 def run_prefix_order(llm, first: int, second: int, salt: str):
     """(LONG_PROMPT, first) then (LONG_PROMPT, second); returns the second output.
 
@@ -129,63 +121,96 @@ def run_prefix_order(llm, first: int, second: int, salt: str):
     return llm.generate([prompt], greedy(second), use_tqdm=False)[0]
 
 
-@pytest.fixture(scope="module")
-def prefix_cached_runs(model_path):
-    """Both orders on one prefix-caching engine, plus a same-k rerun to prove reuse happens."""
-    llm = start_llm(model_path, enforce_eager=True, enable_prefix_caching=True)
-    try:
-        k2_after_k3 = run_prefix_order(llm, 3, 2, "order-a")
-        k3_after_k2 = run_prefix_order(llm, 2, 3, "order-b")
-        k3_again = llm.generate(
-            [{"prompt": LONG_PROMPT, "cache_salt": "order-b"}], greedy(3), use_tqdm=False
-        )[0]
-        return k2_after_k3, k3_after_k2, k3_again
-    finally:
-        stop_llm(llm)
-
-
-def test_prefix_cache_is_keyed_by_loops(prefix_cached_runs, compiled_no_prefix_cache):
-    k2_after_k3, k3_after_k2, k3_again = prefix_cached_runs
+def test_prefix_cache_is_keyed_by_loops(looped, reference):
+    k2_after_k3 = run_prefix_order(looped, 3, 2, "order-a")
+    k3_after_k2 = run_prefix_order(looped, 2, 3, "order-b")
+    k3_again = looped.generate(
+        [{"prompt": LONG_PROMPT, "cache_salt": "order-b"}], greedy(3), use_tqdm=False
+    )[0]
     # A different k must not reuse the prefix; the same k must (else this test proves nothing).
     assert k2_after_k3.num_cached_tokens == 0
     assert k3_after_k2.num_cached_tokens == 0
     assert k3_again.num_cached_tokens > 0
-    fresh = {
-        k: token_ids(compiled_no_prefix_cache.generate([LONG_PROMPT], greedy(k), use_tqdm=False))
-        for k in (2, 3)
-    }
-    assert token_ids([k2_after_k3]) == fresh[2]
-    assert token_ids([k3_after_k2]) == fresh[3]
-    assert token_ids([k3_again]) == fresh[3]
-
-
-def test_mixed_batch_exact_with_default_compilation(compiled_no_prefix_cache, reference):
-    # The plugin runs the looped model eagerly whatever was asked (vllm_hooks says why).
-    assert compiled_no_prefix_cache.llm_engine.vllm_config.model_config.enforce_eager
-    loops = [1, 2, 3, 4, 2, 1]
-    outputs = compiled_no_prefix_cache.generate(PROMPTS, [greedy(k) for k in loops], use_tqdm=False)
-    for k, output in zip(loops, outputs, strict=True):
+    for k, output in ((2, k2_after_k3), (3, k3_after_k2), (3, k3_again)):
         got = list(output.outputs[0].token_ids)
-        assert got == reference.greedy(list(output.prompt_token_ids), k, len(got)), (
-            k,
-            output.prompt,
+        assert got == reference.greedy(list(output.prompt_token_ids), k, len(got)), k
+
+
+def _count_prelude_calls(model) -> bool:
+    """Count Python-level calls of the first decoder layer (a compiled graph makes none)."""
+    layer = model.model.layers[0]
+    layer.loopserve_calls = 0
+
+    def count(module, args):
+        module.loopserve_calls += 1
+
+    model.loopserve_hook = layer.register_forward_pre_hook(count)
+    return bool(model.model.compiled) and not model.model.do_not_compile
+
+
+def _prelude_calls(model) -> int:
+    return model.model.layers[0].loopserve_calls
+
+
+def _remove_count(model) -> None:
+    model.loopserve_hook.remove()
+
+
+def test_k1_steps_run_the_compiled_model(looped):
+    """k=1 steps go through vLLM's compiled decoder; looped steps run its eager forward."""
+    [compiled] = looped.apply_model(_count_prelude_calls)
+    try:
+        looped.generate(PROMPTS[:2], greedy(1), use_tqdm=False)
+        [after_k1] = looped.apply_model(_prelude_calls)
+        looped.generate(PROMPTS[:2], greedy(2), use_tqdm=False)
+        [after_k2] = looped.apply_model(_prelude_calls)
+    finally:
+        looped.apply_model(_remove_count)
+    assert compiled
+    assert after_k1 == 0
+    assert after_k2 > 0
+
+
+def _dummy_runs(worker) -> list[int]:
+    """vLLM's warm-up/profiling dummy runs at several sizes, as vLLM pads them."""
+    sizes = [1, 3, 17, 64]
+    for size in sizes:
+        worker.model_runner._dummy_run(size)
+    return sizes
+
+
+def test_dummy_runs_take_the_k1_path(looped):
+    """Dummy runs of any (padded) size run; they used to raise on a padded count."""
+    assert looped.collective_rpc(_dummy_runs) == [[1, 3, 17, 64]]
+
+
+@pytest.mark.parametrize("bad", [99, 0, "2", 2.5, [3], True])
+def test_bad_loops_through_vllm_fail_that_request_alone(looped, bad):
+    """extra_args reaching vLLM directly (offline LLM) are checked when vLLM admits them."""
+    from vllm import SamplingParams
+
+    with pytest.raises(ValueError, match="'loops' must be"):
+        looped.generate(
+            ["hello"], SamplingParams(max_tokens=2, extra_args={"loops": bad}), use_tqdm=False
         )
+    [output] = looped.generate(["hello"], greedy(2, max_tokens=2), use_tqdm=False)
+    assert len(output.outputs[0].token_ids) == 2
 
 
 def _forward_without_loop_counts(model) -> str:
     import torch
 
-    from loopserve.server.looped_llama import MissingLoopCounts
+    from loopserve.server.looped_model import MissingLoopCounts
 
     try:
-        model.model(torch.tensor([1, 2]), torch.tensor([0, 1]))
+        model(torch.tensor([1, 2]), torch.tensor([0, 1]))
     except MissingLoopCounts as error:
         return str(error)
     return "no error"
 
 
-def test_batch_without_loop_counts_raises(compiled_no_prefix_cache):
-    [message] = compiled_no_prefix_cache.apply_model(_forward_without_loop_counts)
+def test_batch_without_loop_counts_raises(looped):
+    [message] = looped.apply_model(_forward_without_loop_counts)
     assert "without per-token loop counts" in message
 
 

@@ -80,6 +80,16 @@ def test_schedule_rows_and_slots():
     assert schedule.full_pass == [True, False, False]
     assert [s.tolist() for s in schedule.next_slot] == [[-1, 0, 1, 2, -1], [0, -1, 1], [-1, -1]]
     assert schedule.num_next == [3, 2, 0]
+    assert [k.tolist() for k in schedule.keep] == [[1, 2, 3], [0, 2], []]
+    assert [d.tolist() for d in schedule.done] == [[0, 4], [1], [0, 1]]
+    assert [d.tolist() for d in schedule.done_rows] == [[0, 4], [2], [1, 3]]
+
+
+def test_k1_schedule_carries_no_tensors():
+    """A k=1 step takes vLLM's own forward: nothing to build, whatever its token count."""
+    schedule = LoopSchedule.build(np.ones(7, dtype=np.int64), "cpu")
+    assert schedule.max_loops == 1
+    assert schedule.pass_rows == [] and schedule.next_slot == []
 
 
 def test_schedule_uniform_and_empty():
@@ -88,3 +98,28 @@ def test_schedule_uniform_and_empty():
     assert LoopSchedule.build(np.zeros(0, dtype=np.int64), "cpu").max_loops == 1
     with pytest.raises(ValueError, match=">= 1"):
         LoopSchedule.build(np.array([0, 1]), "cpu")
+
+
+@pytest.mark.parametrize("architecture", ["GPT2LMHeadModel", "OlmoeForCausalLM"])
+def test_unsupported_architecture_is_refused_with_the_list(tmp_path, architecture):
+    import json
+
+    from loopserve.server.engine import EngineConfig, vllm_engine_kwargs
+    from loopserve.server.loop_plan import SUPPORTED_ARCHITECTURES
+
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": [architecture], "num_hidden_layers": 4})
+    )
+    with pytest.raises(LoopPlanError, match=f"{architecture}.*not supported") as error:
+        vllm_engine_kwargs(EngineConfig(model=str(tmp_path)))
+    assert all(name in str(error.value) for name in SUPPORTED_ARCHITECTURES)
+
+
+def test_every_supported_architecture_has_a_looped_vllm_class():
+    from loopserve.server import looped_model
+    from loopserve.server.loop_plan import SUPPORTED_ARCHITECTURES, looped_architecture
+
+    for architecture in SUPPORTED_ARCHITECTURES:
+        cls = getattr(looped_model, looped_architecture(architecture))
+        assert cls.__name__ == looped_architecture(architecture)
+        assert architecture.removesuffix("ForCausalLM") in cls.__mro__[2].__name__

@@ -1,0 +1,114 @@
+"""Every supported architecture, looped through vLLM's own model class, in fp32.
+
+For each family (a tiny random checkpoint, `tiny_models.py`): k=1 == stock vLLM on the
+same checkpoint; k=2, 3 == the unrolled transformers model (the family's own HF layers
+listed out in execution order, no KV cache); a mixed-k batch == each solo run; a long
+prompt (longer than Gemma's sliding window) through chunked prefill == the oracle.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import start_llm, stop_llm
+from tiny_models import BLOCK, FAMILIES, NUM_LAYERS, SLIDING_WINDOW
+
+pytestmark = pytest.mark.slow
+
+MAX_LOOPS = 3
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "Question: What is 12 + 7?\nAnswer:",
+]
+LONG_PROMPT = " ".join(f"item {i} is a {w}" for i, w in enumerate(["cat", "dog", "cow"] * 12))
+MAX_TOKENS = 8
+
+
+def greedy(loops: int, max_tokens: int = MAX_TOKENS):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args={"loops": loops})
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tiny_checkpoint):
+    """(architecture, checkpoint, stock vLLM's k=1 tokens, looped engine, oracle)."""
+    from vllm import LLM
+
+    from loopserve.server.loop_plan import LoopPlan
+    from loopserve.server.reference import UnrolledReference
+
+    architecture = request.param
+    path = tiny_checkpoint(architecture)
+    stock = LLM(path, dtype="float32", max_model_len=512, seed=0, enforce_eager=True)
+    try:
+        stock_k1 = token_ids(stock.generate(PROMPTS, greedy(1), use_tqdm=False))
+    finally:
+        stop_llm(stock)
+    looped = start_llm(
+        path,
+        max_model_len=512,
+        loop_block=BLOCK,
+        max_loops=MAX_LOOPS,
+        enforce_eager=True,
+        max_num_batched_tokens=32,  # the long prompt prefills in chunks
+    )
+    plan = LoopPlan.for_model(NUM_LAYERS, BLOCK, MAX_LOOPS)
+    yield architecture, stock_k1, looped, UnrolledReference(path, plan)
+    stop_llm(looped)
+
+
+def test_k1_equals_stock_vllm(family):
+    _, stock_k1, looped, _ = family
+    assert token_ids(looped.generate(PROMPTS, greedy(1), use_tqdm=False)) == stock_k1
+
+
+@pytest.mark.parametrize("loops", [2, 3])
+def test_loops_equal_unrolled_reference(family, loops):
+    architecture, _, looped, reference = family
+    for output in looped.generate(PROMPTS, greedy(loops), use_tqdm=False):
+        got = list(output.outputs[0].token_ids)
+        assert got == reference.greedy(list(output.prompt_token_ids), loops, len(got)), (
+            architecture,
+            loops,
+            output.prompt,
+        )
+
+
+def test_looping_changes_the_output(family):
+    """Guards the oracle test against a model that ignores `loops`."""
+    _, stock_k1, looped, _ = family
+    assert token_ids(looped.generate(PROMPTS, greedy(3), use_tqdm=False)) != stock_k1
+
+
+def test_mixed_batch_equals_solo_runs(family):
+    _, _, looped, _ = family
+    loops = [1, 2, 3, 2]
+    mixed = looped.generate(
+        [{"prompt": p, "cache_salt": "mixed"} for p in PROMPTS],
+        [greedy(k) for k in loops],
+        use_tqdm=False,
+    )
+    for prompt, k, output in zip(PROMPTS, loops, mixed, strict=True):
+        solo = looped.generate(
+            [{"prompt": prompt, "cache_salt": "solo"}], greedy(k), use_tqdm=False
+        )
+        assert token_ids(solo) == [list(output.outputs[0].token_ids)], (prompt, k)
+
+
+def test_long_prompt_in_chunks_equals_reference(family):
+    """Longer than the sliding window, prefilled 32 tokens a step, at k=1 and k=3."""
+    architecture, _, looped, reference = family
+    outputs = looped.generate([LONG_PROMPT] * 2, [greedy(1), greedy(3)], use_tqdm=False)
+    assert len(outputs[0].prompt_token_ids) > 3 * SLIDING_WINDOW
+    for k, output in zip((1, 3), outputs, strict=True):
+        got = list(output.outputs[0].token_ids)
+        assert got == reference.greedy(list(output.prompt_token_ids), k, len(got)), (
+            architecture,
+            k,
+        )
