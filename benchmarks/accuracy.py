@@ -406,6 +406,44 @@ def measure(
     return Measurement(card["id"], flops, outcomes, rows, families, paired_tests(outcomes, loops))
 
 
+def markdown_table(rows: list[dict[str, Any]], paired: list[dict[str, Any]]) -> str:
+    """Per task: baseline, accuracy [95% CI] and format-ok rate per k, and each k against the
+    first one (difference [95% CI], exact McNemar p); the headline mean last."""
+    loops = list(dict.fromkeys(r["loops"] for r in rows))
+    cell = {(r["task"], r["loops"]): r for r in rows}
+    tests = {(p["task"], p["loops_b"]): p for p in paired if p["loops_a"] == loops[0]}
+
+    def number(value: float | None, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    head = ["task", "guess"] + [f"k={k} acc [95% CI] (format ok)" for k in loops]
+    head += [f"k={k} - k={loops[0]} [95% CI], p" for k in loops[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        first = cell[task, loops[0]]
+        name = f"**{task}** (over families)" if task == MEAN_TASK else task
+        cells = [name, number(first["guess_baseline"], 2)]
+        for k in loops:
+            r = cell[task, k]
+            fmt = "" if r["format_ok_rate"] is None else f" ({number(r['format_ok_rate'], 2)})"
+            cells.append(
+                f"{number(r['accuracy'])} [{number(r['ci95_low'], 2)}, "
+                f"{number(r['ci95_high'], 2)}]{fmt}"
+            )
+        for k in loops[1:]:
+            t = tests.get((task, k))
+            cells.append(
+                "-"
+                if t is None
+                else f"{t['diff']:+.3f} [{t['ci95_low']:+.2f}, {t['ci95_high']:+.2f}], "
+                f"p={t['p_value']:.2g}"
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    flops = " | ".join(f"{cell[MEAN_TASK, k]['flops_per_token'] / 1e9:.3f}" for k in loops)
+    lines.append(f"| GFLOPs/token (mean) | | {flops} |" + " |" * (len(loops) - 1))
+    return "\n".join(lines) + "\n"
+
+
 def write_outputs(out: Path, config: dict[str, Any], result: Measurement) -> None:
     out.mkdir(parents=True, exist_ok=True)
     data = {
@@ -417,6 +455,7 @@ def write_outputs(out: Path, config: dict[str, Any], result: Measurement) -> Non
     report.write_json(out / "accuracy.json", data)
     report.write_csv(out / "accuracy.csv", result.rows, COLUMNS)
     report.write_csv(out / "paired.csv", result.paired, PAIRED_COLUMNS)
+    (out / "accuracy.md").write_text(markdown_table(result.rows, result.paired))
     with (out / "items.jsonl").open("w") as f:
         f.writelines(json.dumps(asdict(o)) + "\n" for o in result.outcomes)
     plots.plot_accuracy(out / "accuracy.png", result.rows, result.families, plots.title(config))

@@ -100,12 +100,16 @@ def plot_accuracy(
 
 
 def pareto_front(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Points no other point beats on both axes (fewer or equal FLOPs, higher or equal accuracy)."""
-    front = []
-    for p in sorted(points, key=lambda p: (p["flops_per_token"], -p["accuracy"])):
-        if not front or p["accuracy"] > front[-1]["accuracy"]:
-            front.append(p)
-    return front
+    """Points no other point dominates (no more FLOPs and no less accuracy, better in one),
+    by increasing FLOPs; identical points are all kept."""
+
+    def dominates(q: dict[str, Any], p: dict[str, Any]) -> bool:
+        no_worse = q["flops_per_token"] <= p["flops_per_token"] and q["accuracy"] >= p["accuracy"]
+        better = q["flops_per_token"] < p["flops_per_token"] or q["accuracy"] > p["accuracy"]
+        return no_worse and better
+
+    front = [p for p in points if not any(dominates(q, p) for q in points)]
+    return sorted(front, key=lambda p: (p["flops_per_token"], -p["accuracy"]))
 
 
 def plot_compare(
@@ -166,11 +170,17 @@ def plot_scan(path: Path, rows: Sequence[dict[str, Any]], heading: str) -> None:
     )
     axes = [axes] if len(grids) == 1 else list(axes)
     for ax, (name, grid, cmap) in zip(axes, grids, strict=True):
-        bound = max(abs(v) for row in grid for v in row) or 1.0
-        limits = (-bound, bound) if cmap == "RdBu" else (0.0, max(bound, 1e-9))
-        image = ax.imshow(grid, cmap=cmap, vmin=limits[0], vmax=limits[1], aspect="auto")
+        values = [v for row in grid for v in row]
+        if cmap == "RdBu":  # diverging around zero: red loses, blue gains
+            bound = max(abs(v) for v in values) or 1.0
+            low, high = -bound, bound
+        else:
+            low, high = min(values), max(values)
+            high = high if high > low else low + 1e-9
+        image = ax.imshow(grid, cmap=cmap, vmin=low, vmax=high, aspect="auto")
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
+                light = cmap == "RdBu" or (value - low) / (high - low) > 0.6
                 ax.text(
                     j,
                     i,
@@ -178,7 +188,7 @@ def plot_scan(path: Path, rows: Sequence[dict[str, Any]], heading: str) -> None:
                     ha="center",
                     va="center",
                     fontsize=8,
-                    color="black" if cmap == "RdBu" else "white",
+                    color="black" if light else "white",
                 )
         ax.set_xticks(range(len(loops)), [f"k={k}" for k in loops])
         ax.set_yticks(range(len(blocks)), [f"{s}:{e}" for s, e in blocks])

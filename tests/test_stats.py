@@ -120,5 +120,6 @@ def test_pareto_front_keeps_only_undominated_points():
         {"flops_per_token": 2, "accuracy": 0.5},
         {"flops_per_token": 3, "accuracy": 0.5},  # same accuracy, more FLOPs
         {"flops_per_token": 4, "accuracy": 0.6},
+        {"flops_per_token": 4, "accuracy": 0.6},  # a tie stays on the front
     ]
-    assert pareto_front(points) == [points[0], points[2], points[4]]
+    assert pareto_front(points) == [points[0], points[2], points[4], points[5]]
