@@ -180,7 +180,10 @@ def plot_scan(path: Path, rows: Sequence[dict[str, Any]], heading: str) -> None:
         image = ax.imshow(grid, cmap=cmap, vmin=low, vmax=high, aspect="auto")
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
-                light = cmap == "RdBu" or (value - low) / (high - low) > 0.6
+                if cmap == "RdBu":
+                    light = abs(value) / high < 0.6
+                else:
+                    light = (value - low) / (high - low) > 0.6
                 ax.text(
                     j,
                     i,
