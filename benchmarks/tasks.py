@@ -2,9 +2,10 @@
 
 Synthetic k-shot probes after MIDAS (Saunshi et al., 2024) and looped transformers (Saunshi et
 al., 2025): variable assignment at alias depth 0/1/2, induction copying and one-step arithmetic.
-They isolate the primitives that extra loop iterations are supposed to buy, have one-token
-answers scored by exact match, and are generated from a seed (stdlib only), so every loop count
-is measured on identical items without downloads.
+The `_matched` assignment tasks show the same nine statements at every depth, so a fall with
+depth there is not a fall with prompt length. They isolate the primitives that extra loop
+iterations are supposed to buy, have one-token answers scored by exact match, and are generated
+from a seed (stdlib only), so every loop count is measured on identical items without downloads.
 
 Prompt layout: ``shots`` solved items, then the open item, joined by ``"\\n"`` (one-line items)
 or ``"\\n\\n"`` (code items). A solved item is the open item plus its answer, glued without a
@@ -27,9 +28,13 @@ __all__ = [
     "TASKS",
     "WORDS",
     "Example",
+    "continuation",
+    "family",
     "generate",
+    "guess_baseline",
     "load_dataset",
     "max_answer_tokens",
+    "parse_answer",
     "score",
     "solve",
 ]
@@ -78,6 +83,8 @@ class _Spec:
     answer_sep: str  # between an item and its answer in a solved shot
     max_tokens: int  # answer tokens plus one to observe the boundary after it
     kind: str  # solver family: "assign", "copy" or "arith"
+    family: str  # group for the headline mean and the plot panels
+    answer_format: str  # regex an answer of the right form matches (digit, letter, word)
 
 
 # ---------------------------------------------------------------- item generators
@@ -110,19 +117,25 @@ def _assign_d1(rng: random.Random) -> tuple[list[tuple[str, str]], str, str]:
     return stmts, query, values[targets[query]]
 
 
-def _assign_d2(rng: random.Random) -> tuple[list[tuple[str, str]], str, str]:
-    """Chains top -> mid -> base -> digit; the first is queried, the rest are distractors.
+def _assign_chains(depth: int) -> Callable[[random.Random], tuple[list[tuple[str, str]], str, str]]:
+    """Chains top -> mid -> base -> digit; chain 0's name at `depth` hops is queried.
 
-    Base digits are distinct so that following the wrong chain always gives a wrong answer.
+    Every depth shows the same nine statements (three chains), so depths 0, 1 and 2 differ
+    only in how many hops the query needs, not in prompt length or distractors. Base digits
+    are distinct so that following the wrong chain always gives a wrong answer.
     """
-    names = rng.sample(_LETTERS, 3 * _D2_CHAINS)
-    values = rng.sample(_DIGITS, _D2_CHAINS)
-    stmts: list[tuple[str, str]] = []
-    for i, value in enumerate(values):
-        base, mid, top = names[3 * i : 3 * i + 3]
-        stmts += [(base, value), (mid, base), (top, mid)]
-    rng.shuffle(stmts)
-    return stmts, names[2], values[0]
+
+    def make(rng: random.Random) -> tuple[list[tuple[str, str]], str, str]:
+        names = rng.sample(_LETTERS, 3 * _D2_CHAINS)
+        values = rng.sample(_DIGITS, _D2_CHAINS)
+        stmts: list[tuple[str, str]] = []
+        for i, value in enumerate(values):
+            base, mid, top = names[3 * i : 3 * i + 3]
+            stmts += [(base, value), (mid, base), (top, mid)]
+        rng.shuffle(stmts)
+        return stmts, names[depth], values[0]
+
+    return make
 
 
 def _assign_task(
@@ -161,16 +174,33 @@ def _preschool(rng: random.Random) -> tuple[str, str]:
     return f"{a}{op}{b}=", str(a + b if op == "+" else a - b)
 
 
+_DIGIT, _LETTER, _WORD = r"\d", r"[a-z]", r"[a-z]+"
+
+
+def _assign_spec(depth_gen: Callable, code: bool, family: str) -> _Spec:
+    item_sep, answer_sep, max_tokens = ("\n\n", " ", 3) if code else ("\n", "", 2)
+    make = _assign_task(depth_gen, code)
+    return _Spec(make, item_sep, answer_sep, max_tokens, "assign", family, _DIGIT)
+
+
 _SPECS: dict[str, _Spec] = {
-    "var_assign_d0_math": _Spec(_assign_task(_assign_d0, False), "\n", "", 2, "assign"),
-    "var_assign_d0_code": _Spec(_assign_task(_assign_d0, True), "\n\n", " ", 3, "assign"),
-    "var_assign_d1_math": _Spec(_assign_task(_assign_d1, False), "\n", "", 2, "assign"),
-    "var_assign_d1_code": _Spec(_assign_task(_assign_d1, True), "\n\n", " ", 3, "assign"),
-    "var_assign_d2_math": _Spec(_assign_task(_assign_d2, False), "\n", "", 2, "assign"),
-    "var_assign_d2_code": _Spec(_assign_task(_assign_d2, True), "\n\n", " ", 3, "assign"),
-    "induction_copy": _Spec(_copy_task(_LETTERS), "\n", " ", 3, "copy"),
-    "copy_words": _Spec(_copy_task(WORDS), "\n", " ", 5, "copy"),
-    "preschool_math": _Spec(_preschool, "\n", "", 2, "arith"),
+    "var_assign_d0_math": _assign_spec(_assign_d0, False, "var_assign"),
+    "var_assign_d0_code": _assign_spec(_assign_d0, True, "var_assign"),
+    "var_assign_d1_math": _assign_spec(_assign_d1, False, "var_assign"),
+    "var_assign_d1_code": _assign_spec(_assign_d1, True, "var_assign"),
+    "var_assign_d2_math": _assign_spec(_assign_chains(2), False, "var_assign"),
+    "var_assign_d2_code": _assign_spec(_assign_chains(2), True, "var_assign"),
+    # Length-matched: nine statements at every depth (three chains), only the query moves.
+    **{
+        f"var_assign_d{depth}_{style}_matched": _assign_spec(
+            _assign_chains(depth), style == "code", "var_assign_matched"
+        )
+        for depth in (0, 1, 2)
+        for style in ("math", "code")
+    },
+    "induction_copy": _Spec(_copy_task(_LETTERS), "\n", " ", 3, "copy", "copy", _LETTER),
+    "copy_words": _Spec(_copy_task(WORDS), "\n", " ", 5, "copy", "copy", _WORD),
+    "preschool_math": _Spec(_preschool, "\n", "", 2, "arith", "arith", _DIGIT),
 }
 
 TASKS: tuple[str, ...] = tuple(_SPECS)
@@ -285,6 +315,52 @@ def score(completion: str, answer: str) -> bool:
         return False
     rest = text[len(gold) :]
     return not rest or not rest[0].isalnum()
+
+
+def family(task: str) -> str:
+    """The task's group (var_assign, var_assign_matched, copy, arith); a dataset task is its own."""
+    spec = _SPECS.get(task)
+    return spec.family if spec else task
+
+
+def parse_answer(task: str, completion: str) -> str | None:
+    """The answer the completion gives, if it has the answer's form (a digit, a letter, a word).
+
+    None means a format failure (no digit where a digit belongs, "35" for one digit), which is
+    not the same failure as a wrong digit. Tasks outside TASKS take the first whitespace-free
+    run of word characters. Agrees with `score`: correct iff the parsed answer is the gold one.
+    """
+    spec = _SPECS.get(task)
+    text = completion.lstrip()
+    match = re.match(spec.answer_format if spec else r"\w+", text)
+    if not match or text[match.end() : match.end() + 1].isalnum():
+        return None
+    return match.group()
+
+
+def guess_baseline(example: Example) -> float | None:
+    """Expected accuracy of guessing uniformly among the values the open item shows.
+
+    Assignments: the distinct digits in the item; copying: the distinct tokens in the item;
+    arithmetic: the ten digits. None for tasks outside TASKS, whose answers have no known form.
+    """
+    spec = _SPECS.get(example.task)
+    if spec is None:
+        return None
+    item = example.prompt.split(spec.item_sep)[-1]
+    if spec.kind == "assign":
+        candidates = set(re.findall(r"\d", item))
+    elif spec.kind == "copy":
+        candidates = set(item.split())
+    else:
+        candidates = set(_DIGITS)
+    return 1 / len(candidates) if example.answer in candidates else 0.0
+
+
+def continuation(task: str, answer: str) -> str:
+    """The gold text right after the prompt (``" cat"`` for word tasks, ``"3"`` after ``=``)."""
+    spec = _SPECS.get(task)
+    return spec.answer_sep + answer if spec else answer
 
 
 def load_dataset(path: str | os.PathLike[str]) -> list[Example]:

@@ -92,3 +92,35 @@ def test_lm_eval_generate_and_loglikelihood(tmp_path, model_path):
         assert 'endpoint="completions",loops="1",status="200"' in metrics
     finally:
         server.stop()
+
+
+def test_bench_lm_eval_runs_every_task_kind_at_each_k(tmp_path):
+    """`bench lm-eval`: one server per k, so loglikelihood requests run at k too."""
+    from loopserve.server.cli import main
+
+    write_tasks(tmp_path)
+    out = tmp_path / "out"
+    argv = ["bench", "lm-eval", "--tasks", str(tmp_path), "--loops", "1,2", "--dtype", "float32"]
+    argv += ["--server-args", "--enforce-eager --max-model-len 1024", "--out", str(out)]
+    assert main(argv) == 0
+    data = json.loads((out / "accuracy.json").read_text())
+    rows = {(r["task"], r["loops"]): r for r in data["rows"]}
+    tasks = ("loopserve_arith_gen", "loopserve_arith_ll")
+    assert set(rows) == {(t, k) for t in (*tasks, "mean") for k in (1, 2)}
+    for k in (1, 2):
+        [results_file] = list((out / "lm_eval" / f"loops_{k}").rglob("results_*.json"))
+        results = json.loads(results_file.read_text())["results"]
+        assert rows[tasks[0], k]["accuracy"] == results[tasks[0]]["exact_match,none"]
+        assert rows[tasks[1], k]["accuracy"] == results[tasks[1]]["acc,none"]
+        assert all(rows[t, k]["n"] == len(QUESTIONS) for t in tasks)
+    assert rows["mean", 2]["flops_per_token"] > rows["mean", 1]["flops_per_token"]
+    assert {(p["task"], p["loops_a"], p["loops_b"]) for p in data["paired"]} == {
+        (t, 1, 2) for t in tasks
+    }
+
+    def loglikelihoods(k: int) -> list:
+        [samples] = list((out / "lm_eval" / f"loops_{k}").rglob("samples_loopserve_arith_ll_*"))
+        return [json.loads(line)["resps"] for line in samples.read_text().splitlines()]
+
+    assert loglikelihoods(1) != loglikelihoods(2)  # k reached the loglikelihood requests
+    assert (out / "accuracy.png").stat().st_size > 10_000

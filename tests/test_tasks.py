@@ -13,9 +13,13 @@ from loopserve.benchmarks.tasks import (
     TASKS,
     WORDS,
     Example,
+    continuation,
+    family,
     generate,
+    guess_baseline,
     load_dataset,
     max_answer_tokens,
+    parse_answer,
     score,
     solve,
 )
@@ -24,13 +28,17 @@ ASSIGN_TASKS = [t for t in TASKS if t.startswith("var_assign_")]
 DEPTH = {t: int(t.split("_")[2][1]) for t in ASSIGN_TASKS}  # var_assign_d<k>_...
 
 
+def is_code(task: str) -> bool:
+    return "_code" in task
+
+
 def item_sep(task: str) -> str:
-    return "\n\n" if task.endswith("_code") else "\n"
+    return "\n\n" if is_code(task) else "\n"
 
 
 def spaced(task: str) -> bool:
     """Whether a shot's answer follows its item after one space (else glued to "=")."""
-    return task.endswith("_code") or task in ("induction_copy", "copy_words")
+    return is_code(task) or task in ("induction_copy", "copy_words")
 
 
 def items(task: str, prompt: str) -> list[str]:
@@ -39,7 +47,7 @@ def items(task: str, prompt: str) -> list[str]:
 
 def parse_assign(task: str, item: str) -> tuple[list[tuple[str, str]], str]:
     """Test-side parser in the exact documented layout: (statements, query)."""
-    if task.endswith("_code"):
+    if is_code(task):
         *lines, last = item.split("\n")
         stmts = [tuple(line.split(" = ")) for line in lines]
         assert re.fullmatch(r"[a-z] =", last), last
@@ -72,7 +80,7 @@ def test_task_names() -> None:
         "induction_copy",
         "copy_words",
         "preschool_math",
-    }
+    } | {f"var_assign_d{d}_{s}_matched" for d in (0, 1, 2) for s in ("math", "code")}
     assert expected <= set(TASKS)
     assert len(set(TASKS)) == len(TASKS)
 
@@ -138,7 +146,7 @@ def test_assign_structure(task: str) -> None:
     for ex in generate(task, 200, seed=7):
         for k, item in enumerate(items(task, ex.prompt)):
             if k < len(items(task, ex.prompt)) - 1:  # strip a shot's answer to reopen it
-                item = item[:-2] if task.endswith("_code") else item[:-1]
+                item = item[:-2] if is_code(task) else item[:-1]
             stmts, query = parse_assign(task, item)
             names = [lhs for lhs, _ in stmts]
             assert len(names) == len(set(names)), item
@@ -147,18 +155,29 @@ def test_assign_structure(task: str) -> None:
             path = chain(stmts, query)
             assert len(path) == depth + 2, (item, path)  # query, depth aliases, base, digit
             depths = {n: len(chain(stmts, n)) - 2 for n in names}
-            if depth == 0:
+            if task.endswith("_matched") or depth == 2:  # three chains, the query at `depth`
+                assert sorted(depths.values()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+                tops = [n for n in names if depths[n] == depth]
+                assert query in tops
+                assert len({chain(stmts, t)[-1] for t in tops}) == 3  # distractors differ
+            elif depth == 0:
                 assert len(stmts) == 5 and set(depths.values()) == {0}
             elif depth == 1:
                 assert sorted(depths.values()) == [0, 0, 0, 0, 1, 1, 1]
                 bases = [n for n in names if depths[n] == 0]
                 assert len({dict(stmts)[b] for b in bases}) == 4  # distinct base digits
-            else:  # three equal-length chains: one queried, two distractors
-                assert sorted(depths.values()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-                tops = [n for n in names if depths[n] == 2]
-                assert query in tops
-                assert len({chain(stmts, t)[-1] for t in tops}) == 3  # distractors differ
         assert re.fullmatch(r"\d", ex.answer)
+
+
+def test_matched_depths_differ_only_in_the_query() -> None:
+    """Same statement count, prompt length and guessing odds at depth 0, 1 and 2."""
+    for style in ("math", "code"):
+        lengths = {}
+        for depth in (0, 1, 2):
+            examples = generate(f"var_assign_d{depth}_{style}_matched", 200, seed=3)
+            lengths[depth] = sum(len(ex.prompt) for ex in examples) / len(examples)
+            assert {guess_baseline(ex) for ex in examples} == {1 / 3}
+        assert max(lengths.values()) - min(lengths.values()) < 1.0, lengths
 
 
 @pytest.mark.parametrize("task", ["induction_copy", "copy_words"])
@@ -242,6 +261,47 @@ def test_gold_continuations_score(task: str) -> None:
         lead = " " if spaced(task) else ""
         assert score(lead + ex.answer + item_sep(task) + "x", ex.answer)
         assert not score(lead + ex.answer + "7q", ex.answer)
+
+
+@pytest.mark.parametrize(
+    ("task", "completion", "parsed"),
+    [
+        ("var_assign_d0_math", "3,", "3"),
+        ("var_assign_d0_math", " 3\n", "3"),
+        ("var_assign_d0_math", "35", None),
+        ("var_assign_d0_math", "x", None),
+        ("var_assign_d0_math", "", None),
+        ("induction_copy", " q\n", "q"),
+        ("induction_copy", " qu", None),
+        ("copy_words", " cat.", "cat"),
+        ("copy_words", " Cat", None),
+        ("preschool_math", "7\n", "7"),
+        ("dataset", " yes, and", "yes"),
+    ],
+)
+def test_parse_answer(task: str, completion: str, parsed: str | None) -> None:
+    assert parse_answer(task, completion) == parsed
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_parse_answer_agrees_with_score(task: str) -> None:
+    for ex in generate(task, 20, seed=8):
+        for text in (ex.answer, " " + ex.answer + ",", ex.answer + "7", "x", " 1", " the"):
+            assert score(text, ex.answer) is (parse_answer(task, text) == ex.answer), text
+
+
+def test_guess_baseline_counts_the_values_shown() -> None:
+    d0 = Example("var_assign_d0_math", "u=3, d=3, a=2, x=1, i=8, u=", "3")
+    assert guess_baseline(d0) == 1 / 4  # digits 3, 2, 1, 8
+    copy = Example("induction_copy", "x y\nq w e q w", "e")
+    assert guess_baseline(copy) == 1 / 3
+    assert guess_baseline(Example("preschool_math", "2+2=", "4")) == 0.1
+    assert guess_baseline(Example("dataset", "2+2=", "4")) is None
+    assert family("var_assign_d1_code") == "var_assign"
+    assert family("var_assign_d1_code_matched") == "var_assign_matched"
+    assert family("copy_words") == "copy" and family("dataset") == "dataset"
+    assert continuation("copy_words", "cat") == " cat"
+    assert continuation("preschool_math", "4") == "4"
 
 
 # ---------------------------------------------------------------- datasets
