@@ -8,7 +8,6 @@ import sys
 
 from loopserve.server.loop_plan import LoopPlanError, parse_block
 
-
 SERVE_DESCRIPTION = """Serve the OpenAI-compatible API: vLLM's own server (every `vllm serve` option
 is accepted) on the looped model, plus `loops` per request. Defaults differ from vLLM's
 in three places: the embedded model, --host 127.0.0.1 and the served model name (the
