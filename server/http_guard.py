@@ -46,7 +46,9 @@ def place_loops(body: dict[str, Any], plan: LoopPlan) -> bool:
     for a value the plan refuses or for two places that disagree.
     """
     xargs = body.get(XARGS_KEY)
-    in_xargs = isinstance(xargs, dict) and LOOPS_KEY in xargs
+    if xargs is not None and not isinstance(xargs, dict):
+        return False  # vLLM refuses the malformed `vllm_xargs` itself
+    in_xargs = xargs is not None and LOOPS_KEY in xargs
     if LOOPS_KEY not in body and not in_xargs:
         return False
     values = {}
@@ -62,7 +64,7 @@ def place_loops(body: dict[str, Any], plan: LoopPlan) -> bool:
     if len(set(values.values())) > 1:
         raise LoopPlanError(f"'loops' and 'vllm_xargs.loops' disagree: {values}", LOOPS_KEY)
     body.pop(LOOPS_KEY, None)
-    body[XARGS_KEY] = {**(xargs if isinstance(xargs, dict) else {}), LOOPS_KEY: values.popitem()[1]}
+    body[XARGS_KEY] = {**(xargs or {}), LOOPS_KEY: values.popitem()[1]}
     return True
 
 

@@ -297,7 +297,7 @@ def test_tools_with_named_tool_choice(openai_client, http):
         messages=[{"role": "user", "content": "What is the weather in Paris?"}],
         tools=[tool],
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        max_tokens=40,
+        max_tokens=100,
         temperature=0,
         extra_body={"loops": 2},
     )
