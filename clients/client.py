@@ -1,6 +1,6 @@
 """Typed Python client for loopserve (httpx; sync and async), `loops` first-class.
 
-Responses come back as the server's own pydantic models, so `usage.total_flops` and the
+Responses come back as typed models (clients/types.py), so `usage.total_flops` and the
 other loop fields are typed. Retries with exponential backoff on 429/503 and on
 connection errors, which is what a server still loading its model answers.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from loopserve.server.protocol import (
+from loopserve.clients.types import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     CompletionResponse,
@@ -40,7 +40,7 @@ class LoopserveError(RuntimeError):
 def _payload(loops: int | None, stream: bool, fields: dict[str, Any]) -> dict[str, Any]:
     body = {key: value for key, value in fields.items() if value is not None}
     if loops is not None:
-        body["loops"] = loops
+        body["vllm_xargs"] = {**body.get("vllm_xargs", {}), "loops": loops}
     if stream:
         body["stream"] = True
     return body
@@ -218,7 +218,18 @@ class AsyncLoopserveClient(_ClientBase):
         self, prompt: str | list[int], *, loops: int | None = None, **fields: Any
     ) -> AsyncIterator[CompletionResponse]:
         body = _payload(loops, True, {"prompt": prompt, **fields})
-        async with self._http.stream("POST", "/v1/completions", json=body) as response:
+        async for event in self._stream("/v1/completions", body):
+            yield CompletionResponse.model_validate(event)
+
+    async def stream_chat(
+        self, messages: list[dict[str, Any]], *, loops: int | None = None, **fields: Any
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        body = _payload(loops, True, {"messages": messages, **fields})
+        async for event in self._stream("/v1/chat/completions", body):
+            yield ChatCompletionChunk.model_validate(event)
+
+    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async with self._http.stream("POST", path, json=body) as response:
             if response.status_code >= 400:
                 await response.aread()
                 _raise_for(response)
@@ -227,4 +238,4 @@ class AsyncLoopserveClient(_ClientBase):
                 if event is DONE:
                     return
                 if event is not None:
-                    yield CompletionResponse.model_validate(event)
+                    yield event

@@ -8,33 +8,73 @@ import sys
 
 from loopserve.server.loop_plan import LoopPlanError, parse_block
 
+SERVE_DESCRIPTION = """Serve the OpenAI-compatible API: vLLM's own server (every `vllm serve` option
+is accepted) on the looped model, plus `loops` per request. Defaults differ from vLLM's
+in three places: the embedded model, --host 127.0.0.1 and the served model name (the
+checkpoint's folder name)."""
+MIDDLEWARE = "loopserve.server.http_guard.LoopserveMiddleware"
+PLUGIN = "loopserve"
 
-def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
 
-    from loopserve.server.app import ServerSettings, create_app
-    from loopserve.server.engine import EngineConfig, LoopEngine, build_plan, read_hf_config
+def serve_parser() -> argparse.ArgumentParser:
+    """vLLM's `serve` parser with loopserve's defaults and loop options added."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    parser = make_arg_parser(
+        FlexibleArgumentParser(prog="loopserve serve", description=SERVE_DESCRIPTION)
+    )
+    parser.set_defaults(model=None, host="127.0.0.1", port=8000)
+    loop = parser.add_argument_group("loopserve", "How the looped model loops.")
+    loop.add_argument(
+        "--loop-block", help="START:END, 0-indexed, END exclusive (default: the middle 4 layers)"
+    )
+    loop.add_argument("--max-loops", type=int, default=4)
+    loop.add_argument("--default-loops", type=int, default=1, help="loops of a request without")
+    loop.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="larger request bodies get 413 (declared or chunked)",
+    )
+    return parser
+
+
+def _serve(argv: list[str]) -> int:
+    # vLLM loads endpoint plugins only when VLLM_PLUGINS names them; the engine processes
+    # inherit it, so the general plugin (the model hooks) must stay named too.
+    named = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
+    os.environ["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*named, PLUGIN]))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+
+    from loopserve.server.engine import EngineConfig, vllm_engine_kwargs
+
+    cli_env_setup()
+    args = serve_parser().parse_args(argv)
+    # Resolve the model and check the loop plan before vLLM starts: a bad plan is a
+    # start-up error with a one-line message.
     config = EngineConfig(
-        model=args.model,
-        served_model_name=args.served_model_name,
+        model=args.model_tag or args.model,
+        served_model_name=args.served_model_name[0] if args.served_model_name else None,
         loop_block=parse_block(args.loop_block) if args.loop_block else None,
         max_loops=args.max_loops,
         default_loops=args.default_loops,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        tensor_parallel_size=args.tensor_parallel_size,
-        enable_prefix_caching=args.enable_prefix_caching,
-        enforce_eager=args.enforce_eager,
-        max_num_seqs=args.max_num_seqs,
     )
-    # Resolve the model and check the loop plan before opening the port: a bad plan is a
-    # start-up error, not a server that answers 503 forever.
-    config.model = config.model_path()
-    build_plan(config, read_hf_config(config.model))
-    api_key = args.api_key or os.environ.get("LOOPSERVE_API_KEY")
-    app = create_app(lambda: LoopEngine.start(config), ServerSettings(api_key=api_key))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    kwargs, info = vllm_engine_kwargs(config)
+    args.model, args.model_tag = info.path, None
+    args.served_model_name = [info.name, *(args.served_model_name or [])[1:]]
+    args.hf_overrides = {**(args.hf_overrides or {}), **kwargs["hf_overrides"]}
+    if not args.api_key and os.environ.get("LOOPSERVE_API_KEY"):
+        args.api_key = [os.environ["LOOPSERVE_API_KEY"]]
+    if MIDDLEWARE not in args.middleware:
+        args.middleware.append(MIDDLEWARE)
+    configure_logging_from_args(args)
+    serve = ServeSubcommand()
+    serve.validate(args)
+    serve.cmd(args)
     return 0
 
 
@@ -67,31 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API")
-    serve.add_argument("--model", help="HF checkpoint directory or hub id (default: embedded)")
-    serve.add_argument("--served-model-name")
-    serve.add_argument(
-        "--loop-block", help="START:END, 0-indexed, END exclusive (default: middle 4)"
-    )
-    serve.add_argument("--max-loops", type=int, default=4)
-    serve.add_argument("--default-loops", type=int, default=1)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument(
-        "--api-key", help="require 'Authorization: Bearer KEY' (or LOOPSERVE_API_KEY)"
-    )
-    serve.add_argument("--max-model-len", type=int)
-    serve.add_argument("--max-num-seqs", type=int)
-    serve.add_argument(
-        "--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"]
-    )
-    serve.add_argument("--tensor-parallel-size", type=int, default=1)
-    serve.add_argument(
-        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True
-    )
-    serve.add_argument("--enforce-eager", action="store_true")
-    serve.add_argument("--log-level", default="info")
-    serve.set_defaults(func=_serve)
+    # Listed for help only: main() hands `serve` to vLLM's own parser (serve_parser).
+    sub.add_parser("serve", help="serve the OpenAI-compatible API (vLLM's server; see serve -h)")
 
     default_model = sub.add_parser("default-model", help="prepare and print the embedded model")
     default_model.set_defaults(func=_default_model)
@@ -117,8 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["serve"]:
+            return _serve(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except LoopPlanError as error:
         print(f"loopserve: {error}", file=sys.stderr)

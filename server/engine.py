@@ -1,29 +1,26 @@
-"""In-process engine: vLLM's AsyncLLM on the looped model, with loops per request.
+"""vLLM engine arguments for the looped model, and the facts of the model being served.
 
-The HTTP layer talks to this module only: it hands over validated sampling arguments
-and a loop count, and gets vLLM's `RequestOutput`s back as deltas. Everything that
-turns "loops=k" into vLLM state happens here (SamplingParams.extra_args, validated
-against the one LoopPlan) or in vllm_hooks (per-token counts, cache salt).
+`vllm_engine_kwargs` turns loopserve's configuration into vLLM's own engine arguments
+(the looped architecture and its plan travel in `hf_overrides`); `served_model_info`
+reads the plan and shape back from the config vLLM built, so the HTTP side prices and
+checks exactly what the engine runs. Per-request loops travel in
+`SamplingParams.extra_args["loops"]` (vLLM's `vllm_xargs`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loopserve.server.flops import FlopsModel, ModelShape
 from loopserve.server.loop_plan import (
-    LOOPS_KEY,
     PLAN_CONFIG_KEY,
     LoopPlan,
     LoopPlanError,
     looped_architecture,
+    plan_from_hf_config,
 )
 
 
@@ -131,75 +128,13 @@ def vllm_engine_kwargs(config: EngineConfig) -> tuple[dict[str, Any], ModelInfo]
     return kwargs, info
 
 
-class LoopEngine:
-    """vLLM AsyncLLM serving the looped model. Create with `LoopEngine.start(config)`."""
-
-    def __init__(self, llm: Any, info: ModelInfo) -> None:
-        self._llm = llm
-        self.info = info
-
-    @classmethod
-    def start(cls, config: EngineConfig) -> LoopEngine:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        kwargs, info = vllm_engine_kwargs(config)
-        kwargs.setdefault("disable_log_stats", True)
-        return cls(AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs)), info)
-
-    @property
-    def plan(self) -> LoopPlan:
-        return self.info.plan
-
-    @property
-    def max_model_len(self) -> int:
-        return self._llm.vllm_config.model_config.max_model_len
-
-    @property
-    def tokenizer(self) -> Any:
-        return self._llm.get_tokenizer()
-
-    @property
-    def is_running(self) -> bool:
-        return not self._llm.errored
-
-    def sampling_params(self, sampling: dict[str, Any], loops: int | None = None) -> Any:
-        """vLLM SamplingParams (streaming deltas) carrying the loop count in `extra_args`.
-
-        Raises ValueError (LoopPlanError for `loops`) for anything vLLM would refuse, so
-        callers can answer a client error before any work starts.
-        """
-        from vllm import SamplingParams
-        from vllm.exceptions import VLLMClientError
-        from vllm.sampling_params import RequestOutputKind
-
-        loops = self.plan.default_loops if loops is None else self.plan.check_loops(loops)
-        sampling = {"output_kind": RequestOutputKind.DELTA, **sampling}
-        extra = dict(sampling.pop("extra_args", None) or {})
-        extra[LOOPS_KEY] = loops
-        try:
-            return SamplingParams(**sampling, extra_args=extra)
-        except VLLMClientError as error:
-            raise ValueError(str(error)) from error
-
-    async def generate(
-        self, prompt: str | list[int], params: Any, request_id: str | None = None
-    ) -> AsyncIterator[Any]:
-        """Stream `RequestOutput`s for params from `sampling_params`.
-
-        Closing the iterator early (client gone) aborts the request in vLLM.
-        """
-        engine_prompt: dict[str, Any] = (
-            {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": list(prompt)}
-        )
-        stream = self._llm.generate(engine_prompt, params, request_id or uuid.uuid4().hex)
-        async with aclosing(stream):  # closing it aborts the request inside vLLM
-            async for output in stream:
-                yield output
-
-    async def abort(self, request_id: str) -> None:
-        await self._llm.abort(request_id)
-
-    def shutdown(self) -> None:
-        self._llm.shutdown()
+def served_model_info(model_config: Any) -> ModelInfo:
+    """ModelInfo of the model a running vLLM serves (its `ModelConfig`, overrides applied)."""
+    hf_config = model_config.hf_config.to_dict()
+    plan = plan_from_hf_config(hf_config)
+    return ModelInfo(
+        name=model_config.served_model_name,
+        path=model_config.model,
+        plan=plan,
+        shape=ModelShape.from_hf_config(hf_config),
+    )

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 
@@ -24,7 +24,6 @@ class ServerProcess:
     url: str
     process: subprocess.Popen
     log_path: str
-    health_codes: list[int] = field(default_factory=list)
 
     def log(self) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -41,6 +40,8 @@ class ServerProcess:
 
 
 def start_server(args: list[str], log_path: str, timeout: float = 300.0) -> ServerProcess:
+    """Start `loopserve serve ARGS`; return once /health answers 200 (vLLM opens the port
+    only when the engine is ready)."""
     port = free_port()
     command = [sys.executable, "-m", "loopserve.server.cli", "serve", "--port", str(port), *args]
     log = open(log_path, "w")  # noqa: SIM115 - the child writes to it for its whole life
@@ -51,9 +52,7 @@ def start_server(args: list[str], log_path: str, timeout: float = 300.0) -> Serv
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()[-4000:]}")
         try:
-            code = httpx.get(f"{server.url}/health", timeout=2).status_code
-            server.health_codes.append(code)
-            if code == 200:
+            if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
                 return server
         except httpx.TransportError:
             pass

@@ -1,78 +1,56 @@
-"""Prometheus metrics of the HTTP server (one registry per app, so tests can run several)."""
+"""loopserve's Prometheus metrics, served by vLLM's /metrics beside its `vllm:*` metrics.
+
+Counted per engine request as its outputs reach the server, for every route that
+generates (completions, chat, responses, ...): a request the client abandons stops
+adding generated tokens when vLLM aborts it. Registered once per process in
+prometheus_client's default registry, the one vLLM's /metrics exposes.
+"""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+import functools
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import Counter, Gauge
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+from loopserve.server.flops import FlopsModel
+from loopserve.server.loop_usage import SequenceTally
 
 
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "loopserve_requests", "Finished requests", ["endpoint", "status", "loops"], registry=r
-        )
-        self.running = Gauge("loopserve_requests_running", "Requests in flight", registry=r)
-        self.generated_tokens = Counter(
-            "loopserve_generated_tokens", "Completion tokens generated", registry=r
-        )
-        self.flops = Counter("loopserve_flops", "Forward FLOPs served (FLOPs model)", registry=r)
-        self.ttft = Histogram(
-            "loopserve_time_to_first_token_seconds",
-            "Time to first token",
-            registry=r,
-            buckets=LATENCY_BUCKETS,
-        )
-        self.itl = Histogram(
-            "loopserve_inter_token_latency_seconds",
-            "Time between streamed tokens",
-            registry=r,
-            buckets=LATENCY_BUCKETS,
-        )
-        self.e2e = Histogram(
-            "loopserve_e2e_request_latency_seconds",
-            "End-to-end request latency",
-            registry=r,
-            buckets=LATENCY_BUCKETS,
-        )
+@dataclass(frozen=True)
+class LoopMetrics:
+    requests: Counter
+    running: Gauge
+    generated_tokens: Counter
+    flops: Counter
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
-
-    def start(self, endpoint: str, loops: int) -> RequestTimer:
+    async def track(
+        self, stream: AsyncIterator[Any], loops: int, model: FlopsModel, cumulative: bool
+    ) -> AsyncIterator[Any]:
+        """Pass one engine request's outputs through, counting them."""
+        tally = SequenceTally()
         self.running.inc()
-        return RequestTimer(self, endpoint, loops)
+        try:
+            async with aclosing(stream):  # closing us closes vLLM's stream: it aborts
+                async for output in stream:
+                    self.generated_tokens.inc(tally.observe(0, output, cumulative))
+                    yield output
+        finally:
+            self.running.dec()
+            self.requests.labels(loops=str(loops)).inc()
+            self.flops.inc(sum(tally.flops(model, loops)))
 
 
-@dataclass
-class RequestTimer:
-    """Times one request; `finish` must be called exactly once (in a finally)."""
-
-    metrics: Metrics
-    endpoint: str
-    loops: int
-    started: float = field(default_factory=time.perf_counter)
-    last_token: float | None = None
-
-    def tokens(self, count: int) -> None:
-        if count <= 0:
-            return
-        now = time.perf_counter()
-        if self.last_token is None:
-            self.metrics.ttft.observe(now - self.started)
-        else:
-            self.metrics.itl.observe((now - self.last_token) / count)
-        self.last_token = now
-        self.metrics.generated_tokens.inc(count)
-
-    def finish(self, status: int, flops: int = 0) -> None:
-        self.metrics.running.dec()
-        self.metrics.requests.labels(self.endpoint, str(status), str(self.loops)).inc()
-        self.metrics.e2e.observe(time.perf_counter() - self.started)
-        if flops:
-            self.metrics.flops.inc(flops)
+@functools.cache
+def loop_metrics() -> LoopMetrics:
+    return LoopMetrics(
+        requests=Counter("loopserve_requests", "Engine requests finished, by loops", ["loops"]),
+        running=Gauge("loopserve_requests_running", "Engine requests in flight"),
+        generated_tokens=Counter(
+            "loopserve_generated_tokens", "Tokens generated (as received from the engine)"
+        ),
+        flops=Counter("loopserve_flops", "Forward FLOPs served (loopserve's FLOPs model)"),
+    )

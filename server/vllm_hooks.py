@@ -220,3 +220,160 @@ def register() -> None:
         Request.__dict__["from_engine_core_request"]
     )
     _installed = True
+
+
+# ======================================================================================
+# HTTP server hooks (issue 10). Only the API server process runs them: the endpoint
+# plugin (endpoint_plugin.py) installs them on its own server's objects in `init_state`.
+# vLLM's OpenAI serving classes build `usage` from token totals inside their response
+# methods, with no extension point; exact FLOPs need each sequence's length, so loopserve
+# wraps, per serving instance, the four methods that see every `RequestOutput` of a
+# request and adds the loop fields to the usage they return. The engine client's public
+# `generate` is wrapped on the instance for loopserve's metrics.
+# ======================================================================================
+
+_HTTP_HOOKED = (
+    ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion", (
+        "request_output_to_completion_response", "completion_stream_generator")),
+    ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat", (
+        "chat_completion_full_generator", "chat_completion_stream_generator")),
+)  # fmt: skip
+
+
+def _check_http_hooked() -> None:
+    import importlib
+
+    for module, owner, names in _HTTP_HOOKED:
+        cls = getattr(importlib.import_module(module), owner, None)
+        for name in names:
+            if cls is None or not hasattr(cls, name):
+                raise ImportError(
+                    f"vLLM {vllm.__version__} has no {owner}.{name}: loopserve's HTTP hooks "
+                    "do not fit this release"
+                )
+
+
+def _request_loops(request: Any, plan: LoopPlan) -> int:
+    return plan.loops_of(getattr(request, "vllm_xargs", None))
+
+
+def _add_usage(usage: Any, fields: dict[str, int]) -> None:
+    for name, value in fields.items():
+        setattr(usage, name, value)  # vLLM's UsageInfo allows extra fields
+
+
+async def _tallied(results: Any, tally: Any, done: list[bool]) -> Any:
+    """Pass a serving method's RequestOutputs (or (prompt index, output)) through, counted."""
+    async for item in results:
+        index, output = item if isinstance(item, tuple) else (0, item)
+        tally.observe(index, output)
+        yield item
+    done.append(True)
+
+
+def _wrap_stream(original, info: Any):
+    """A `*_stream_generator`: count its input, add loop fields to the final usage chunk."""
+    import inspect
+    import json
+
+    from loopserve.server.loop_usage import SequenceTally
+
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    async def stream(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        tally, done = SequenceTally(), []
+        loops = _request_loops(bound.arguments["request"], info.plan)
+        bound.arguments["result_generator"] = _tallied(
+            bound.arguments["result_generator"], tally, done
+        )
+        async for chunk in original(*bound.args, **bound.kwargs):
+            if done and '"usage":{' in chunk and chunk.startswith("data: {"):
+                event = json.loads(chunk[len("data: ") :])
+                if event.get("usage"):
+                    event["usage"].update(tally.usage_fields(info.flops, loops))
+                    chunk = f"data: {json.dumps(event)}\n\n"
+            yield chunk
+
+    return stream
+
+
+def _wrap_chat_full(original, info: Any):
+    import inspect
+
+    from loopserve.server.loop_usage import SequenceTally
+
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    async def full(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        tally = SequenceTally()
+        loops = _request_loops(bound.arguments["request"], info.plan)
+        bound.arguments["result_generator"] = _tallied(
+            bound.arguments["result_generator"], tally, []
+        )
+        response = await original(*bound.args, **bound.kwargs)
+        if getattr(response, "usage", None) is not None:
+            _add_usage(response.usage, tally.usage_fields(info.flops, loops))
+        return response
+
+    return full
+
+
+def _wrap_completion_response(original, info: Any):
+    from loopserve.server.loop_usage import SequenceTally
+
+    @functools.wraps(original)
+    def response(final_res_batch, request, *args, **kwargs):
+        result = original(final_res_batch, request, *args, **kwargs)
+        tally = SequenceTally()
+        for index, output in enumerate(final_res_batch):
+            tally.observe(index, output)
+        _add_usage(result.usage, tally.usage_fields(info.flops, _request_loops(request, info.plan)))
+        return result
+
+    return response
+
+
+def _wrap_generate(original, info: Any):
+    from vllm.sampling_params import RequestOutputKind
+
+    from loopserve.server.metrics import loop_metrics
+
+    metrics = loop_metrics()
+
+    @functools.wraps(original)
+    def generate(prompt, sampling_params, request_id, *args, **kwargs):
+        stream = original(prompt, sampling_params, request_id, *args, **kwargs)
+        try:
+            loops = info.plan.loops_of(getattr(sampling_params, "extra_args", None))
+        except ValueError:
+            return stream  # the engine's own admission check answers this request
+        cumulative = getattr(sampling_params, "output_kind", None) == RequestOutputKind.CUMULATIVE
+        return metrics.track(stream, loops, info.flops, cumulative)
+
+    return generate
+
+
+def install_http_hooks(state: Any, engine_client: Any, info: Any) -> None:
+    """Loop fields in usage and loopserve metrics, on this API server's own objects."""
+    _check_http_hooked()
+    engine_client.generate = _wrap_generate(engine_client.generate, info)
+    completion = getattr(state, "openai_serving_completion", None)
+    if completion is not None:
+        completion.request_output_to_completion_response = _wrap_completion_response(
+            completion.request_output_to_completion_response, info
+        )
+        completion.completion_stream_generator = _wrap_stream(
+            completion.completion_stream_generator, info
+        )
+    chat = getattr(state, "openai_serving_chat", None)
+    if chat is not None:
+        chat.chat_completion_full_generator = _wrap_chat_full(
+            chat.chat_completion_full_generator, info
+        )
+        chat.chat_completion_stream_generator = _wrap_stream(
+            chat.chat_completion_stream_generator, info
+        )

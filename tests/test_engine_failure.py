@@ -1,13 +1,13 @@
 """A real engine failure: the vLLM engine process dies under a live server.
 
-The request in flight fails with a 500 (an error event in its stream), later requests get
-503, /health says 503, and the HTTP server itself stays up and answers.
+loopserve follows vLLM here: the request in flight ends with an error event in its
+stream (not a hung connection), and the server process exits so that an orchestrator
+restarts it (vLLM's VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=0 default).
 """
 
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import psutil
@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_engine_death_fails_requests_cleanly(tmp_path, model_path):
+def test_engine_death_fails_the_stream_and_the_server_exits(tmp_path, model_path):
     from loopserve.server.launcher import start_server
 
     server = start_server(["--max-model-len", "1024"], str(tmp_path / "server.log"))
@@ -44,15 +44,7 @@ def test_engine_death_fails_requests_cleanly(tmp_path, model_path):
                     engine_core.kill()
         assert events[-1] == "[DONE]"
         error = json.loads(events[-2])["error"]
-        assert error["code"] == 500 and error["type"] == "server_error"
-
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{server.url}/health").status_code != 503:
-            assert time.monotonic() < deadline, "health never reported the dead engine"
-            time.sleep(0.5)
-        response = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hi"})
-        assert response.status_code == 503
-        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
-        assert server.process.poll() is None  # the HTTP server is still up
+        assert set(error) == {"message", "type", "param", "code"} and error["code"] >= 500
+        server.process.wait(timeout=60)  # the API server follows its engine out
     finally:
         server.stop()

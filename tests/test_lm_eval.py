@@ -88,8 +88,8 @@ def test_lm_eval_generate_and_loglikelihood(tmp_path, model_path):
         assert 0.0 <= results["loopserve_arith_ll"]["acc,none"] <= 1.0
         metrics = httpx.get(f"{server.url}/metrics").text
         # Generate requests carried loops=2; loglikelihood ones the default (1).
-        assert 'endpoint="completions",loops="2",status="200"' in metrics
-        assert 'endpoint="completions",loops="1",status="200"' in metrics
+        assert 'loopserve_requests_total{loops="2"}' in metrics
+        assert 'loopserve_requests_total{loops="1"}' in metrics
     finally:
         server.stop()
 
