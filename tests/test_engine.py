@@ -188,8 +188,9 @@ def test_dummy_runs_take_the_k1_path(looped):
 def test_bad_loops_through_vllm_fail_that_request_alone(looped, bad):
     """extra_args reaching vLLM directly (offline LLM) are checked when vLLM admits them."""
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
 
-    with pytest.raises(ValueError, match="'loops' must be"):
+    with pytest.raises(VLLMClientError, match="'loops' must be"):
         looped.generate(
             ["hello"], SamplingParams(max_tokens=2, extra_args={"loops": bad}), use_tqdm=False
         )
