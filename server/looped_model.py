@@ -5,10 +5,11 @@ loopserve owns only the order in which layers run. For each supported architectu
 rotary, norms and compiled forward, unchanged) and changes what one step runs:
 
 - every token at k=1: vLLM's forward as it is, compiled as vLLM compiles it;
-- otherwise: vLLM's forward, eager, with the decoder's layer list read as prelude,
-  `LoopedBlock`, pass-throughs, coda. The decoder still embeds, scales, norms and runs
-  the prelude and coda its own way; `LoopedBlock` runs the block's layers k times per
-  token, k per request (`loop_passes.py`).
+- otherwise: vLLM's forward run eagerly around compiled segments: the decoder's layer
+  list is read as prelude segment, `LoopedBlock`, coda segment (`loop_segments.py`),
+  with pass-throughs keeping its length. The decoder still embeds, scales and norms its
+  own way; `LoopedBlock` runs the block's layers k times per token, k per request, one
+  compiled segment per pass (`loop_passes.py`).
 
 Exactness with the unrolled model needs one KV plane per executed (layer, pass): pass
 p >= 2 of block layer i attends through a copy of that layer's own `Attention` (`planes`
@@ -34,6 +35,7 @@ from loopserve.server.loop_plan import (
     plan_from_hf_config,
 )
 from loopserve.server.loop_schedule import LoopSchedule
+from loopserve.server.loop_segments import segment_compiler
 
 
 class MissingLoopCounts(RuntimeError):
@@ -66,14 +68,28 @@ class LoopedCausalLM:
             )
             for pass_index in range(2, plan.max_loops + 1)
         )
-        self._block = LoopedBlock(block, list(self.loop_planes))
-        self._looped_layers = [
-            *decoder.layers[: plan.start],
-            self._block,
-            *[_pass_through] * (plan.block_size - 1),
-            *decoder.layers[plan.end :],
-        ]
+        self._run_segment = segment_compiler(vllm_config.compilation_config)
+        self._block: LoopedBlock | None = None
+        self._looped_layers: list[Any] = []
         self._schedule: LoopSchedule | None = None
+
+    def _build_looped_layers(self) -> None:
+        """The looped step's layer list: prelude, block, coda as segments.
+
+        Built at the first looped step, after vLLM has loaded and post-processed the
+        weights the segments' layer copies share.
+        """
+        plan, layers = self.loop_plan, list(self.model.layers)
+        self._block = LoopedBlock(
+            layers[plan.start : plan.end], list(self.loop_planes), self._run_segment
+        )
+        runs = [layers[: plan.start], [self._block], layers[plan.end :]]
+        spans = [plan.start, plan.block_size, plan.num_layers - plan.end]
+        self._looped_layers = []
+        for run, span in zip(runs, spans, strict=True):
+            if span:
+                head = run[0] if run[0] is self._block else self._run_segment(run)
+                self._looped_layers += [head, *[_pass_through] * (span - 1)]
 
     @contextmanager
     def looping(self, token_loops: np.ndarray) -> Iterator[LoopSchedule]:
@@ -99,6 +115,9 @@ class LoopedCausalLM:
                 f"loop counts cover {schedule.num_tokens} tokens, "
                 f"the batch has {positions.shape[-1]}"
             )
+        if self._block is None:
+            self._build_looped_layers()
+        assert self._block is not None
         self._block.schedule = schedule
         decoder = self.model
         # Shadow the decoder's layer list for this one forward (an instance attribute
@@ -113,7 +132,7 @@ class LoopedCausalLM:
 
 
 def _pass_through(positions: Any, hidden_states: Any, residual: Any, **kwargs: Any) -> Any:
-    """Stands in for block layers 2..n: `LoopedBlock` already ran them."""
+    """Stands in for the layers a segment or `LoopedBlock` before it already ran."""
     return hidden_states, residual
 
 

@@ -13,8 +13,8 @@ wrong.
 2. Model runner (`GPUModelRunner._model_forward`, `_dummy_run`; the CPU runner inherits
    them): publish per-token loop counts for the step, from each request's
    `SamplingParams.extra_args["loops"]`; dummy runs (warm-up, compilation, profiling)
-   use k=1, the path vLLM compiles. A looped step runs without CUDA graphs
-   (`eager_model_calls`).
+   use k=1, the path vLLM compiles. A looped step bypasses vLLM's compiled forward and
+   its CUDA graphs (`eager_model_calls`); loopserve's own segments compile it.
 3. Engine core (`Request.from_engine_core_request`): fold the loop count into the
    request's prefix-cache salt, so KV computed at one depth is never reused at another.
 4. Registry: `ModelRegistry.register_model` (public) for `Looped<Arch>` of every
@@ -90,11 +90,11 @@ def vllm_model_class(architecture: str) -> type:
 
 @contextlib.contextmanager
 def eager_model_calls() -> Iterator[None]:
-    """Within one forward: compiled modules run their eager forward, no CUDA graph.
+    """Within one forward: vLLM's compiled modules run their eager forward, no CUDA graph.
 
-    A looped step's layer order depends on its batch, which a compiled graph or a
-    captured CUDA graph would freeze; vLLM's own switch for such calls is the forward
-    context's `skip_compiled`.
+    A looped step's layer order depends on its batch, which vLLM's one compiled graph
+    or a captured CUDA graph would freeze; vLLM's own switch for such calls is the
+    forward context's `skip_compiled`. (loopserve's segments compile separately.)
     """
     context = get_forward_context()
     saved = context.skip_compiled
@@ -103,6 +103,15 @@ def eager_model_calls() -> Iterator[None]:
         yield
     finally:
         context.skip_compiled = saved
+
+
+def attention_layer(layer_name: str) -> Any:
+    """The attention module bound under `layer_name` in the running forward.
+
+    How vLLM's own attention ops find their layer; loopserve's pass attention op does
+    the same for its planes.
+    """
+    return get_forward_context().no_compile_layers[layer_name]
 
 
 class LoopedModelConfig(VerifyAndUpdateConfig):

@@ -45,7 +45,7 @@ def family(request, tiny_checkpoint):
 
     architecture = request.param
     path = tiny_checkpoint(architecture)
-    stock = LLM(path, dtype="float32", max_model_len=512, seed=0, enforce_eager=True)
+    stock = LLM(path, dtype="float32", max_model_len=512, seed=0)
     try:
         stock_k1 = token_ids(stock.generate(PROMPTS, greedy(1), use_tqdm=False))
     finally:
@@ -55,7 +55,6 @@ def family(request, tiny_checkpoint):
         max_model_len=512,
         loop_block=BLOCK,
         max_loops=MAX_LOOPS,
-        enforce_eager=True,
         max_num_batched_tokens=32,  # the long prompt prefills in chunks
     )
     plan = LoopPlan.for_model(NUM_LAYERS, BLOCK, MAX_LOOPS)
