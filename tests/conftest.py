@@ -59,3 +59,15 @@ def start_llm(model_path: str, **config):
 
 def stop_llm(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
+
+
+def segment_graphs(model) -> int:
+    """Graphs Dynamo compiled for loopserve's segments (prelude, block passes, coda).
+
+    Runs in the worker (`LLM.apply_model`).
+    """
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from loopserve.server.loop_segments import Segment
+
+    return len(_debug_get_cache_entry_list(Segment.forward.__code__))

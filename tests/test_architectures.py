@@ -4,12 +4,18 @@ For each family (a tiny random checkpoint, `tiny_models.py`): k=1 == stock vLLM 
 same checkpoint; k=2, 3 == the unrolled transformers model (the family's own HF layers
 listed out in execution order, no KV cache); a mixed-k batch == each solo run; a long
 prompt (longer than Gemma's sliding window) through chunked prefill == the oracle.
+
+Qwen3 (fused hand-over, q/k norms) and Gemma-3 (PyTorch hand-over, alternating sliding
+and full attention) run at vLLM's default compilation, stock and looped alike, so their
+looped steps run compiled segments (test_engine.py covers Llama that way); the other
+families run with `enforce_eager` (both engines), which keeps this module's time down:
+compiling costs about 3 minutes per family here.
 """
 
 from __future__ import annotations
 
 import pytest
-from conftest import start_llm, stop_llm
+from conftest import segment_graphs, start_llm, stop_llm
 from tiny_models import BLOCK, FAMILIES, NUM_LAYERS, SLIDING_WINDOW
 
 pytestmark = pytest.mark.slow
@@ -23,6 +29,7 @@ PROMPTS = [
 ]
 LONG_PROMPT = " ".join(f"item {i} is a {w}" for i, w in enumerate(["cat", "dog", "cow"] * 12))
 MAX_TOKENS = 8
+COMPILED = {"Qwen3ForCausalLM", "Gemma3ForCausalLM"}
 
 
 def greedy(loops: int, max_tokens: int = MAX_TOKENS):
@@ -45,7 +52,8 @@ def family(request, tiny_checkpoint):
 
     architecture = request.param
     path = tiny_checkpoint(architecture)
-    stock = LLM(path, dtype="float32", max_model_len=512, seed=0)
+    eager = architecture not in COMPILED
+    stock = LLM(path, dtype="float32", max_model_len=512, seed=0, enforce_eager=eager)
     try:
         stock_k1 = token_ids(stock.generate(PROMPTS, greedy(1), use_tqdm=False))
     finally:
@@ -55,6 +63,7 @@ def family(request, tiny_checkpoint):
         max_model_len=512,
         loop_block=BLOCK,
         max_loops=MAX_LOOPS,
+        enforce_eager=eager,
         max_num_batched_tokens=32,  # the long prompt prefills in chunks
     )
     plan = LoopPlan.for_model(NUM_LAYERS, BLOCK, MAX_LOOPS)
@@ -111,3 +120,14 @@ def test_long_prompt_in_chunks_equals_reference(family):
             architecture,
             k,
         )
+
+
+def test_looped_steps_run_compiled_segments_when_compiling(family):
+    """Compiled families run looped steps through compiled segments, eager ones do not."""
+    architecture, _, looped, _ = family
+    looped.generate(PROMPTS[:1], greedy(2, max_tokens=2), use_tqdm=False)
+    [graphs] = looped.apply_model(segment_graphs)
+    if architecture in COMPILED:
+        assert graphs >= 4  # prelude, pass 1, pass 2, coda
+    else:
+        assert graphs == 0

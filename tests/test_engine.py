@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import start_llm, stop_llm
+from conftest import segment_graphs, start_llm, stop_llm
 
 pytestmark = pytest.mark.slow
 
@@ -156,15 +156,6 @@ def _remove_count(model) -> None:
     model.loopserve_hook.remove()
 
 
-def _segment_graphs(model) -> int:
-    """Graphs Dynamo compiled for loopserve's segments (prelude, block passes, coda)."""
-    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
-
-    from loopserve.server.loop_segments import Segment
-
-    return len(_debug_get_cache_entry_list(Segment.forward.__code__))
-
-
 def test_steps_run_compiled(looped):
     """k=1 steps run vLLM's compiled decoder; looped steps run compiled segments."""
     [compiled] = looped.apply_model(_count_prelude_calls)
@@ -174,7 +165,7 @@ def test_steps_run_compiled(looped):
     finally:
         looped.apply_model(_remove_count)
     looped.generate(PROMPTS[:2], greedy(2), use_tqdm=False)
-    [graphs] = looped.apply_model(_segment_graphs)
+    [graphs] = looped.apply_model(segment_graphs)
     assert compiled
     assert after_k1 == 0
     assert graphs >= 4  # prelude, pass 1, pass 2, coda
@@ -259,4 +250,4 @@ def test_triton_loop_step_in_the_engine(triton_interpreted, reference):
             output.prompt,
         )
     # --enforce-eager turns the segments' compilation off too (guards the count above).
-    assert triton_interpreted.apply_model(_segment_graphs) == [0]
+    assert triton_interpreted.apply_model(segment_graphs) == [0]
