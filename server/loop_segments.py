@@ -8,8 +8,8 @@ row gathers and the loop step between them in Python. Each segment is compiled w
 backend and Inductor options vLLM compiles the model with; with `--enforce-eager`
 (compilation mode NONE) segments run eagerly, as the rest of the model does.
 
-Batch rows vary per step, so dimension 0 (tokens) is marked dynamic: a segment compiles
-at most twice (Dynamo specializes a one-row batch), then serves every row count. On
+Batch rows vary per step, so dimension 0 (tokens) is dynamic and each segment compiles
+once (`CompiledSegment`), at vLLM's warm-up where it can (`LoopedCausalLM.warm_up`). On
 CUDA, vLLM's piecewise backend captures CUDA graphs only for the forward it compiles
 itself; segments use plain Inductor, so looped steps run compiled but without graphs.
 """
@@ -17,6 +17,7 @@ itself; segments use plain Inductor, so looped steps run compiled but without gr
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -50,17 +51,27 @@ class Segment(nn.Module):
 
 
 class CompiledSegment:
-    """A `Segment` run through `torch.compile`, its token dimension dynamic."""
+    """A `Segment` compiled once, then run without Dynamo's guards, as vLLM runs its model.
 
-    # Every segment's graph is a cache entry of the one `Segment.forward` code object,
-    # and a plan with max_loops k has k + 2 segments, each compiled up to twice. Past
-    # the limit Dynamo would fall back to eager silently; here it raises instead.
-    _RECOMPILE_LIMIT = 64
+    As in vLLM's trace-once mode, the first call with at least two rows traces the
+    segment with its row dimension dynamic, and every later call, of any row count (one
+    included), runs that graph without evaluating guards. Dynamo keys compiled graphs by
+    code object, so each segment compiles its own copy of `Segment.forward`'s code;
+    without guards they would otherwise all run the first segment's graph. Calls with
+    fewer than two rows before the graph exists run eagerly (Dynamo would specialize a
+    graph to one row).
+    """
 
     def __init__(self, segment: Segment, backend: str, options: dict[str, Any]) -> None:
         self.segment = segment
+        self.code = Segment.forward.__code__.replace()
+        forward = types.FunctionType(self.code, Segment.forward.__globals__, "forward")
+        self.compiled = False
         self._compiled = torch.compile(
-            segment.forward, backend=backend, options=options or None, fullgraph=True
+            types.MethodType(forward, segment),
+            backend=backend,
+            fullgraph=True,
+            options={**options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe},
         )
 
     def __call__(
@@ -70,14 +81,17 @@ class CompiledSegment:
         residual: torch.Tensor | None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        torch._dynamo.maybe_mark_dynamic(positions, positions.dim() - 1)
-        torch._dynamo.maybe_mark_dynamic(hidden_states, 0)
-        if residual is not None:
-            torch._dynamo.maybe_mark_dynamic(residual, 0)
-        with torch._dynamo.config.patch(
-            recompile_limit=self._RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
-        ):
-            return self._compiled(positions, hidden_states, residual, **kwargs)
+        if not self.compiled:
+            if hidden_states.shape[0] < 2:
+                return self.segment(positions, hidden_states, residual, **kwargs)
+            torch._dynamo.mark_dynamic(positions, positions.dim() - 1)
+            torch._dynamo.mark_dynamic(hidden_states, 0)
+            if residual is not None:
+                torch._dynamo.mark_dynamic(residual, 0)
+            out = self._compiled(positions, hidden_states, residual, **kwargs)
+            self.compiled = True
+            return out
+        return self._compiled(positions, hidden_states, residual, **kwargs)
 
 
 def segment_compiler(compilation_config: Any) -> Callable[[list[nn.Module]], LayerCall]:

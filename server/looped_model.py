@@ -35,7 +35,7 @@ from loopserve.server.loop_plan import (
     plan_from_hf_config,
 )
 from loopserve.server.loop_schedule import LoopSchedule
-from loopserve.server.loop_segments import segment_compiler
+from loopserve.server.loop_segments import CompiledSegment, segment_compiler
 
 
 class MissingLoopCounts(RuntimeError):
@@ -71,50 +71,70 @@ class LoopedCausalLM:
         self._run_segment = segment_compiler(vllm_config.compilation_config)
         self._block: LoopedBlock | None = None
         self._looped_layers: list[Any] = []
-        self._schedule: LoopSchedule | None = None
+        self._segments: list[Any] = []
+        self._loops: np.ndarray | int | None = None
 
     def _build_looped_layers(self) -> None:
         """The looped step's layer list: prelude, block, coda as segments.
 
-        Built at the first looped step, after vLLM has loaded and post-processed the
-        weights the segments' layer copies share.
+        Built at the first looped step or warm-up, after vLLM has loaded and
+        post-processed the weights the segments' layer copies share.
         """
         plan, layers = self.loop_plan, list(self.model.layers)
-        self._block = LoopedBlock(
+        self._block = block = LoopedBlock(
             layers[plan.start : plan.end], list(self.loop_planes), self._run_segment
         )
-        runs = [layers[: plan.start], [self._block], layers[plan.end :]]
-        spans = [plan.start, plan.block_size, plan.num_layers - plan.end]
-        self._looped_layers = []
-        for run, span in zip(runs, spans, strict=True):
-            if span:
-                head = run[0] if run[0] is self._block else self._run_segment(run)
-                self._looped_layers += [head, *[_pass_through] * (span - 1)]
+        prelude, coda = layers[: plan.start], layers[plan.end :]
+        head = [self._run_segment(prelude)] if prelude else []
+        tail = [self._run_segment(coda)] if coda else []
+        self._segments = [*head, *block.passes, *tail]
+        self._looped_layers = [
+            *head,
+            *[_pass_through] * (len(prelude) - len(head)),
+            block,
+            *[_pass_through] * (plan.block_size - 1),
+            *tail,
+            *[_pass_through] * (len(coda) - len(tail)),
+        ]
 
     @contextmanager
-    def looping(self, token_loops: np.ndarray) -> Iterator[LoopSchedule]:
-        """Run the forwards inside this block with these per-token loop counts."""
-        device = next(self.parameters()).device
-        self._schedule = LoopSchedule.build(token_loops, device)
+    def looping(self, token_loops: np.ndarray | int) -> Iterator[None]:
+        """Run the forwards inside this block with these per-token loop counts.
+
+        An int gives every token that count, however many tokens the forward gets:
+        vLLM pads its dummy runs to a size only it knows.
+        """
+        self._loops = token_loops
         try:
-            yield self._schedule
+            yield
         finally:
-            self._schedule = None
+            self._loops = None
+
+    def needs_warm_up(self) -> bool:
+        """Whether a looped step would compile segments that are not compiled yet."""
+        if self._block is None:
+            self._build_looped_layers()
+        return any(
+            isinstance(segment, CompiledSegment) and not segment.compiled
+            for segment in self._segments
+        )
 
     def forward(self, input_ids: Any, positions: Any, *args: Any, **kwargs: Any) -> Any:
-        schedule = self._schedule
-        if schedule is None:
+        loops, num_tokens = self._loops, positions.shape[-1]
+        if loops is None:
             raise MissingLoopCounts(
                 "the looped model got a batch without per-token loop counts: "
                 "loopserve's vLLM hooks are not active in this process"
             )
+        if isinstance(loops, int):
+            loops = np.full(num_tokens, loops)
+        elif len(loops) != num_tokens:
+            raise MissingLoopCounts(
+                f"loop counts cover {len(loops)} tokens, the batch has {num_tokens}"
+            )
+        schedule = LoopSchedule.build(loops, positions.device)
         if schedule.max_loops == 1:
             return super().forward(input_ids, positions, *args, **kwargs)
-        if positions.shape[-1] != schedule.num_tokens:
-            raise MissingLoopCounts(
-                f"loop counts cover {schedule.num_tokens} tokens, "
-                f"the batch has {positions.shape[-1]}"
-            )
         if self._block is None:
             self._build_looped_layers()
         assert self._block is not None

@@ -13,7 +13,8 @@ wrong.
 2. Model runner (`GPUModelRunner._model_forward`, `_dummy_run`; the CPU runner inherits
    them): publish per-token loop counts for the step, from each request's
    `SamplingParams.extra_args["loops"]`; dummy runs (warm-up, compilation, profiling)
-   use k=1, the path vLLM compiles. A looped step bypasses vLLM's compiled forward and
+   use k=1, the path vLLM compiles, then once at the deepest k, which compiles
+   loopserve's segments at start-up. A looped step bypasses vLLM's compiled forward and
    its CUDA graphs (`eager_model_calls`); loopserve's own segments compile it.
 3. Engine core (`Request.from_engine_core_request`): fold the loop count into the
    request's prefix-cache salt, so KV computed at one depth is never reused at another.
@@ -174,9 +175,9 @@ def _wrap_model_forward(original):
         model = _looped_model(self)
         if model is None:
             return original(self, input_ids, positions, *args, **kwargs)
-        num_tokens = positions.shape[-1]
-        with model.looping(_step_token_loops(self, model.loop_plan, num_tokens)) as schedule:
-            if schedule.max_loops > 1:
+        token_loops = _step_token_loops(self, model.loop_plan, positions.shape[-1])
+        with model.looping(token_loops):
+            if token_loops.max(initial=1) > 1:
                 # A captured CUDA graph would replay the k=1 forward it captured.
                 get_forward_context().cudagraph_runtime_mode = CUDAGraphMode.NONE
             return original(self, input_ids, positions, *args, **kwargs)
@@ -192,8 +193,14 @@ def _wrap_dummy_run(original):
             return original(self, num_tokens, *args, **kwargs)
         # k=1 for every token, whatever padding vLLM adds: the path vLLM warms up,
         # compiles and captures is the one k=1 steps take.
-        with model.looping(np.ones(1, dtype=np.int64)):
-            return original(self, num_tokens, *args, **kwargs)
+        with model.looping(1):
+            out = original(self, num_tokens, *args, **kwargs)
+        if num_tokens >= 2 and model.needs_warm_up():
+            # Once more at the deepest loop count, so loopserve's segments compile now
+            # rather than stall the first looped request.
+            with model.looping(model.loop_plan.max_loops):
+                original(self, num_tokens, *args, **kwargs)
+        return out
 
     return _dummy_run
 

@@ -68,6 +68,10 @@ def segment_graphs(model) -> int:
     """
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    from loopserve.server.loop_segments import Segment
+    from loopserve.server.loop_segments import CompiledSegment
 
-    return len(_debug_get_cache_entry_list(Segment.forward.__code__))
+    return sum(
+        len(_debug_get_cache_entry_list(segment.code))
+        for segment in model._segments
+        if isinstance(segment, CompiledSegment)
+    )

@@ -137,7 +137,10 @@ def test_prefix_cache_is_keyed_by_loops(looped, reference):
 
 
 def _count_prelude_calls(model) -> bool:
-    """Count Python-level calls of the first decoder layer (a compiled graph makes none)."""
+    """Count Python-level calls of the first decoder layer (a compiled graph makes none).
+
+    Returns whether vLLM compiled the decoder.
+    """
     layer = model.model.layers[0]
     layer.loopserve_calls = 0
 
@@ -145,7 +148,7 @@ def _count_prelude_calls(model) -> bool:
         module.loopserve_calls += 1
 
     model.loopserve_hook = layer.register_forward_pre_hook(count)
-    return bool(model.model.compiled) and not model.model.do_not_compile
+    return not model.model.do_not_compile and model.model.compiled
 
 
 def _prelude_calls(model) -> int:
@@ -157,18 +160,26 @@ def _remove_count(model) -> None:
 
 
 def test_steps_run_compiled(looped):
-    """k=1 steps run vLLM's compiled decoder; looped steps run compiled segments."""
+    """k=1 steps run vLLM's compiled decoder; looped steps the segments compiled at start-up.
+
+    The segments are prelude, coda and one per block pass (4): six graphs, compiled by
+    the warm-up and never again, whatever the batch (one row included).
+    """
+    [graphs_before] = looped.apply_model(segment_graphs)
     [compiled] = looped.apply_model(_count_prelude_calls)
     try:
         looped.generate(PROMPTS[:2], greedy(1), use_tqdm=False)
         [after_k1] = looped.apply_model(_prelude_calls)
+        looped.generate(PROMPTS[:2], [greedy(2), greedy(4)], use_tqdm=False)
+        looped.generate(PROMPTS[:1], greedy(3), use_tqdm=False)
+        [after_looped] = looped.apply_model(_prelude_calls)
     finally:
         looped.apply_model(_remove_count)
-    looped.generate(PROMPTS[:2], greedy(2), use_tqdm=False)
-    [graphs] = looped.apply_model(segment_graphs)
+    [graphs_after] = looped.apply_model(segment_graphs)
     assert compiled
     assert after_k1 == 0
-    assert graphs >= 4  # prelude, pass 1, pass 2, coda
+    assert after_looped == 0
+    assert graphs_before == graphs_after == 6
 
 
 def _dummy_runs(worker) -> list[int]:
@@ -240,14 +251,21 @@ def triton_interpreted(model_path):
 def test_triton_loop_step_in_the_engine(triton_interpreted, reference):
     """Short generation (the interpreter is slow): mixed k through the Triton kernel."""
     loops = [2, 3, 1]
-    outputs = triton_interpreted.generate(
-        PROMPTS[:3], [greedy(k, max_tokens=6) for k in loops], use_tqdm=False
-    )
+    triton_interpreted.apply_model(_count_prelude_calls)
+    try:
+        outputs = triton_interpreted.generate(
+            PROMPTS[:3], [greedy(k, max_tokens=6) for k in loops], use_tqdm=False
+        )
+        [prelude_calls] = triton_interpreted.apply_model(_prelude_calls)
+    finally:
+        triton_interpreted.apply_model(_remove_count)
     for k, output in zip(loops, outputs, strict=True):
         got = list(output.outputs[0].token_ids)
         assert got == reference.greedy(list(output.prompt_token_ids), k, len(got)), (
             k,
             output.prompt,
         )
-    # --enforce-eager turns the segments' compilation off too (guards the count above).
+    # --enforce-eager turns the segments' compilation off too: the layers run in Python
+    # (which guards the counts in test_steps_run_compiled).
     assert triton_interpreted.apply_model(segment_graphs) == [0]
+    assert prelude_calls > 0
