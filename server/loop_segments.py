@@ -9,7 +9,7 @@ backend and Inductor options vLLM compiles the model with; with `--enforce-eager
 (compilation mode NONE) segments run eagerly, as the rest of the model does.
 
 Batch rows vary per step, so dimension 0 (tokens) is dynamic and each segment compiles
-once (`CompiledSegment`), at vLLM's warm-up where it can (`LoopedCausalLM.warm_up`). On
+once (`CompiledSegment`), in a looped dummy run at vLLM's warm-up (`vllm_hooks`). On
 CUDA, vLLM's piecewise backend captures CUDA graphs only for the forward it compiles
 itself; segments use plain Inductor, so looped steps run compiled but without graphs.
 """
