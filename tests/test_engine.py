@@ -65,6 +65,7 @@ def stock_k1(model_path):
 def looped(model_path):
     """vLLM's defaults (compiled), prefix caching on, 64-token steps (chunked prefill)."""
     llm = start_llm(model_path, max_num_batched_tokens=64)
+    [llm.segment_graphs_at_start] = llm.apply_model(segment_graphs)  # before any request
     yield llm
     stop_llm(llm)
 
@@ -163,7 +164,8 @@ def test_steps_run_compiled(looped):
     """k=1 steps run vLLM's compiled decoder; looped steps the segments compiled at start-up.
 
     The segments are prelude, coda and one per block pass (4): six graphs, compiled by
-    the warm-up and never again, whatever the batch (one row included).
+    the warm-up (before any request) and never again, whatever the batch (one row
+    included).
     """
     [graphs_before] = looped.apply_model(segment_graphs)
     [compiled] = looped.apply_model(_count_prelude_calls)
@@ -179,7 +181,7 @@ def test_steps_run_compiled(looped):
     assert compiled
     assert after_k1 == 0
     assert after_looped == 0
-    assert graphs_before == graphs_after == 6
+    assert looped.segment_graphs_at_start == graphs_before == graphs_after == 6
 
 
 def _dummy_runs(worker) -> list[int]:
