@@ -102,19 +102,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def load_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the offline load (model, dtype, batch, lengths, seed, --out)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default=None, help="checkpoint (default: embedded model)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the JSON result here")
+    return parser
+
+
+def main() -> None:
+    parser = load_parser(__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--enforce-eager", action="store_true", help="no compilation, stock and looped alike"
     )
-    parser.add_argument("--out", help="write the JSON result here")
     result = run(parser.parse_args())
     text = json.dumps(result, indent=2)
     print(text)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from loopserve.benchmarks.engine_throughput import _prompts, _stop
+from loopserve.benchmarks.engine_throughput import _prompts, _stop, load_parser
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # apply_model ships the instrumenting functions to the worker by pickling them.
@@ -171,15 +171,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="checkpoint (default: embedded model)")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--input-len", type=int, default=64)
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="write the JSON result here")
-    args = parser.parse_args()
+    args = load_parser(__doc__.splitlines()[0]).parse_args()
     # Under `python -m` this module is __main__; vLLM pickles the functions it ships to
     # the worker by reference, which needs them under their importable name.
     from loopserve.benchmarks import step_profile
