@@ -34,6 +34,7 @@ from vllm.model_executor.layers.layernorm import RMSNorm
 from loopserve.kernels.loop_step import loop_step
 from loopserve.server import vllm_hooks
 from loopserve.server.loop_schedule import LoopSchedule
+from loopserve.server.loop_segments import LayerCall
 
 
 def _attention_path(layer: nn.Module) -> tuple[list[str], Attention]:
@@ -173,7 +174,7 @@ class LoopedBlock:
         self,
         layers: list[nn.Module],
         planes: list[nn.ModuleList],
-        run_segment: Callable[[list[nn.Module]], Callable[..., tuple[torch.Tensor, torch.Tensor]]],
+        run_segment: Callable[[list[nn.Module]], LayerCall],
     ) -> None:
         entry = layers[0]
         norm = getattr(entry, "input_layernorm", None)

@@ -27,6 +27,8 @@ from vllm.config import CompilationMode
 
 logger = logging.getLogger("loopserve")
 
+# How a decoder layer is called in vLLM: (positions, hidden_states, residual) ->
+# (hidden_states, residual). Segments and `LoopedBlock` are called the same way.
 LayerCall = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -88,9 +90,7 @@ class CompiledSegment:
             torch._dynamo.mark_dynamic(hidden_states, 0)
             if residual is not None:
                 torch._dynamo.mark_dynamic(residual, 0)
-            out = self._compiled(positions, hidden_states, residual, **kwargs)
             self.compiled = True
-            return out
         return self._compiled(positions, hidden_states, residual, **kwargs)
 
 
