@@ -1,16 +1,15 @@
 """The per-pass loop step of the looped block: one contract, a PyTorch and a Triton version.
 
 After each pass of the looped block, for the M rows that ran it: x = hidden + residual (the
-residual stream), the relative update ||x - prev_stream|| / ||x|| per row (telemetry, the
-future adaptive-exit signal), finished rows hand their (hidden, residual) pair to the layers
-after the block through full-batch buffers, and continuing rows get the next pass's inputs,
-compacted into slot order: RMSNorm(x) (the block's first input_layernorm) and x.
+residual stream), finished rows hand their (hidden, residual) pair to the layers after the
+block through full-batch buffers, and continuing rows get the next pass's inputs, compacted
+into slot order: RMSNorm(x) (the block's first input_layernorm) and x.
 
 `loop_step_torch` reproduces vLLM's native `fused_add_rms_norm` bit for bit, so looped and
 unlooped runs agree with vLLM's own layers on CPU. `loop_step_triton` does the whole step in
-one read of the inputs and one write of the outputs on CUDA, where the unfused ops (~20
-kernels) move about 8x the bytes in bf16. `loop_step` picks between them;
-`LOOPSERVE_KERNEL=torch|triton` overrides the choice.
+one read of the inputs and one write of the outputs on CUDA, where the unfused ops (~17
+kernels) move about 7x the bytes in bf16 (benchmarks/kernels/loop_step_bench.py --dry-run).
+`loop_step` picks between them; `LOOPSERVE_KERNEL=torch|triton` overrides the choice.
 
 This file imports nothing from the package, so benchmarks can load it by path on a machine
 where loopserve (and vLLM) are not installed.
@@ -38,17 +37,15 @@ MAX_BLOCK = 8192
 
 @dataclass(frozen=True)
 class LoopStepOutput:
-    """Inputs of the next pass (continuing rows, in slot order) and per-row telemetry."""
+    """Inputs of the next pass: the continuing rows, in slot order."""
 
     next_hidden: torch.Tensor  # [num_next, H], hidden's dtype: rms_norm(x) * weight
     next_residual: torch.Tensor  # [num_next, H], hidden's dtype: x
-    update_ratio: torch.Tensor  # [M] float32: ||x - prev_stream|| / ||x|| (0 where ||x|| == 0)
 
 
 def _check(
     hidden: torch.Tensor,
     residual: torch.Tensor,
-    prev_stream: torch.Tensor,
     rows: torch.Tensor,
     next_slot: torch.Tensor,
     num_next: int,
@@ -58,13 +55,13 @@ def _check(
 ) -> None:
     """Cheap shape/dtype checks: a mismatch here would otherwise corrupt memory silently."""
     m, h = hidden.shape
-    if residual.shape != (m, h) or prev_stream.shape != (m, h):
+    if residual.shape != (m, h):
         raise ValueError(
-            f"hidden {tuple(hidden.shape)}, residual {tuple(residual.shape)} and "
-            f"prev_stream {tuple(prev_stream.shape)} must have the same shape"
+            f"hidden {tuple(hidden.shape)} and residual {tuple(residual.shape)} "
+            "must have the same shape"
         )
-    if residual.dtype != hidden.dtype or prev_stream.dtype != hidden.dtype:
-        raise ValueError("hidden, residual and prev_stream must share a dtype")
+    if residual.dtype != hidden.dtype:
+        raise ValueError("hidden and residual must share a dtype")
     if rows.shape != (m,) or next_slot.shape != (m,):
         raise ValueError(f"rows and next_slot must have shape ({m},)")
     if not 0 <= num_next <= m:
@@ -79,7 +76,6 @@ def _check(
 def loop_step_torch(
     hidden: torch.Tensor,
     residual: torch.Tensor,
-    prev_stream: torch.Tensor,
     rows: torch.Tensor,
     next_slot: torch.Tensor,
     num_next: int,
@@ -94,19 +90,14 @@ def loop_step_torch(
     and the continuing rows after them in slot order, since slots are a permutation of
     range(num_next). float64 inputs compute in float64 (the tests' reference).
     """
-    _check(
-        hidden, residual, prev_stream, rows, next_slot, num_next, weight, out_hidden, out_residual
-    )
+    _check(hidden, residual, rows, next_slot, num_next, weight, out_hidden, out_residual)
     m, h = hidden.shape
     orig = hidden.dtype
     acc = torch.promote_types(orig, torch.float32)
     if m == 0:
         empty = hidden.new_empty((0, h))
-        return LoopStepOutput(empty, empty.clone(), torch.empty(0, dtype=acc, device=hidden.device))
+        return LoopStepOutput(empty, empty.clone())
     x = hidden.to(acc) + residual.to(acc)
-    den = torch.linalg.vector_norm(x, dim=-1)
-    num = torch.linalg.vector_norm(x - prev_stream.to(acc), dim=-1)
-    update_ratio = torch.where(den > 0, num / den, torch.zeros_like(den))
 
     order = torch.argsort(next_slot, stable=True)
     finished, continuing = order[: m - num_next], order[m - num_next :]
@@ -119,7 +110,7 @@ def loop_step_torch(
     variance = xc.pow(2).mean(dim=-1, keepdim=True)
     normed = xc * torch.rsqrt(variance + eps)
     next_hidden = (normed.to(weight.dtype) * weight).to(orig)
-    return LoopStepOutput(next_hidden, xc.to(orig), update_ratio)
+    return LoopStepOutput(next_hidden, xc.to(orig))
 
 
 if triton is not None:
@@ -127,18 +118,15 @@ if triton is not None:
     def _loop_step_kernel(
         hidden_ptr,
         residual_ptr,
-        prev_ptr,
         rows_ptr,
         slot_ptr,
         weight_ptr,
         next_hidden_ptr,
         next_residual_ptr,
-        ratio_ptr,
         out_hidden_ptr,
         out_residual_ptr,
         stride_hidden,
         stride_residual,
-        stride_prev,
         stride_next,
         stride_out_hidden,
         stride_out_residual,
@@ -153,7 +141,6 @@ if triton is not None:
         dst = tl.load(rows_ptr + pid).to(tl.int64)
         h_row = hidden_ptr + pid * stride_hidden
         r_row = residual_ptr + pid * stride_residual
-        p_row = prev_ptr + pid * stride_prev
         # Clamped so finished rows (slot -1) never form an out-of-range pointer.
         nh_row = next_hidden_ptr + tl.maximum(slot, 0) * stride_next
         nr_row = next_residual_ptr + tl.maximum(slot, 0) * stride_next
@@ -164,11 +151,8 @@ if triton is not None:
             mask = cols < H
             h = tl.load(h_row + cols, mask=mask, other=0.0)
             r = tl.load(r_row + cols, mask=mask, other=0.0)
-            p = tl.load(p_row + cols, mask=mask, other=0.0).to(tl.float32)
             x = h.to(tl.float32) + r.to(tl.float32)
-            d = x - p
             sum_sq = tl.sum(x * x, axis=0)
-            diff_sq = tl.sum(d * d, axis=0)
             if slot >= 0:
                 w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
                 normed = x * tl.rsqrt(sum_sq / H + eps)
@@ -182,24 +166,19 @@ if triton is not None:
                 tl.store(or_row + cols, r, mask=mask)
         else:  # wide rows: pass 1 reduces and writes x/out pair, pass 2 re-reads for the norm
             acc_sq = tl.zeros([BLOCK], dtype=tl.float32)
-            acc_diff = tl.zeros([BLOCK], dtype=tl.float32)
             for c in range(NUM_CHUNKS):
                 offs = c * BLOCK + cols
                 mask = offs < H
                 h = tl.load(h_row + offs, mask=mask, other=0.0)
                 r = tl.load(r_row + offs, mask=mask, other=0.0)
-                p = tl.load(p_row + offs, mask=mask, other=0.0).to(tl.float32)
                 x = h.to(tl.float32) + r.to(tl.float32)
-                d = x - p
                 acc_sq += x * x
-                acc_diff += d * d
                 if slot >= 0:
                     tl.store(nr_row + offs, x.to(h.dtype), mask=mask)
                 else:
                     tl.store(oh_row + offs, h, mask=mask)
                     tl.store(or_row + offs, r, mask=mask)
             sum_sq = tl.sum(acc_sq, axis=0)
-            diff_sq = tl.sum(acc_diff, axis=0)
             if slot >= 0:
                 rstd = tl.rsqrt(sum_sq / H + eps)
                 for c in range(NUM_CHUNKS):
@@ -211,9 +190,6 @@ if triton is not None:
                     x = h.to(tl.float32) + r.to(tl.float32)
                     out = ((x * rstd).to(w.dtype).to(tl.float32) * w.to(tl.float32)).to(w.dtype)
                     tl.store(nh_row + offs, out.to(h.dtype), mask=mask)
-        norm = tl.where(sum_sq > 0, tl.sqrt(sum_sq), 1.0)  # 1.0 only keeps x == 0 from 0/0
-        ratio = tl.where(sum_sq > 0, tl.sqrt(diff_sq) / norm, 0.0)
-        tl.store(ratio_ptr + pid, ratio)
 
 
 @functools.cache
@@ -237,7 +213,6 @@ def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
 def loop_step_triton(
     hidden: torch.Tensor,
     residual: torch.Tensor,
-    prev_stream: torch.Tensor,
     rows: torch.Tensor,
     next_slot: torch.Tensor,
     num_next: int,
@@ -250,35 +225,29 @@ def loop_step_triton(
 ) -> LoopStepOutput:
     """The loop step as one Triton kernel (one program per row); `max_block` is for tests."""
     kernel = _jit_kernel()  # raises ImportError first where triton is missing
-    _check(
-        hidden, residual, prev_stream, rows, next_slot, num_next, weight, out_hidden, out_residual
-    )
+    _check(hidden, residual, rows, next_slot, num_next, weight, out_hidden, out_residual)
     if out_hidden.stride(-1) != 1 or out_residual.stride(-1) != 1:
         raise ValueError("out_hidden and out_residual need unit stride along the hidden dim")
     m, h = hidden.shape
     device = hidden.device
     next_hidden = _alloc((num_next, h), hidden.dtype, device)
     next_residual = _alloc((num_next, h), hidden.dtype, device)
-    update_ratio = _alloc((m,), torch.float32, device)
     if m == 0:
-        return LoopStepOutput(next_hidden, next_residual, update_ratio)
-    hidden, residual, prev_stream = (_rows_contiguous(t) for t in (hidden, residual, prev_stream))
+        return LoopStepOutput(next_hidden, next_residual)
+    hidden, residual = _rows_contiguous(hidden), _rows_contiguous(residual)
     block = min(triton.next_power_of_2(h), triton.next_power_of_2(max_block))
     kernel[(m,)](
         hidden,
         residual,
-        prev_stream,
         rows.contiguous(),
         next_slot.contiguous(),
         weight.contiguous(),
         next_hidden,
         next_residual,
-        update_ratio,
         out_hidden,
         out_residual,
         hidden.stride(0),
         residual.stride(0),
-        prev_stream.stride(0),
         h,  # next_hidden and next_residual are fresh contiguous [num_next, h]
         out_hidden.stride(0),
         out_residual.stride(0),
@@ -288,7 +257,7 @@ def loop_step_triton(
         NUM_CHUNKS=triton.cdiv(h, block),
         num_warps=min(max(block // 256, 1), 16),
     )
-    return LoopStepOutput(next_hidden, next_residual, update_ratio)
+    return LoopStepOutput(next_hidden, next_residual)
 
 
 def kernel_backend(device: torch.device) -> str:
@@ -308,7 +277,6 @@ def kernel_backend(device: torch.device) -> str:
 def loop_step(
     hidden: torch.Tensor,
     residual: torch.Tensor,
-    prev_stream: torch.Tensor,
     rows: torch.Tensor,
     next_slot: torch.Tensor,
     num_next: int,
@@ -326,7 +294,6 @@ def loop_step(
     return impl(
         hidden,
         residual,
-        prev_stream,
         rows,
         next_slot,
         num_next,

@@ -7,6 +7,10 @@ value is a 400 before any work, streaming or not. It also keeps two things loops
 better than vLLM: an API key that guards every route that runs the model (vLLM's own
 guards only some path prefixes) with an OpenAI-shaped 401, and a body limit (413).
 
+The checked count is also published for the rest of the request in `REQUESTED_LOOPS`:
+some of vLLM's paths build their own sampling parameters (beam search, generative
+scoring), and the engine-client hook (`vllm_hooks`) carries the count on from there.
+
 Runs as `--middleware loopserve.server.http_guard.LoopserveMiddleware` (`loopserve serve`
 adds it); being the last middleware vLLM adds, it is the outermost. Torch-free.
 """
@@ -17,6 +21,7 @@ import hashlib
 import json
 import os
 import secrets
+from contextvars import ContextVar
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -31,6 +36,8 @@ OPEN_PATHS = frozenset(
     {"/health", "/ping", "/metrics", "/version", "/openapi.json", "/docs", "/redoc"}
 )
 XARGS_KEY = "vllm_xargs"
+# The loop count the HTTP request being served asked for (None: it named none).
+REQUESTED_LOOPS: ContextVar[int | None] = ContextVar("loopserve_requested_loops", default=None)
 
 
 def error_response(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
@@ -39,18 +46,18 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
     return JSONResponse(body, status_code=status)
 
 
-def place_loops(body: dict[str, Any], plan: LoopPlan) -> bool:
+def place_loops(body: dict[str, Any], plan: LoopPlan) -> int | None:
     """Check `loops` (top level and/or `vllm_xargs`) and leave it only in `vllm_xargs`.
 
-    Returns whether the body changed. Raises LoopPlanError (its `args[1]` names the field)
-    for a value the plan refuses or for two places that disagree.
+    Returns the loop count, None where the body names none. Raises LoopPlanError (its
+    `args[1]` names the field) for a value the plan refuses or for two places that disagree.
     """
     xargs = body.get(XARGS_KEY)
     if xargs is not None and not isinstance(xargs, dict):
-        return False  # vLLM refuses the malformed `vllm_xargs` itself
+        return None  # vLLM refuses the malformed `vllm_xargs` itself
     in_xargs = xargs is not None and LOOPS_KEY in xargs
     if LOOPS_KEY not in body and not in_xargs:
-        return False
+        return None
     values = {}
     for param, present, value in (
         (LOOPS_KEY, LOOPS_KEY in body, body.get(LOOPS_KEY)),
@@ -63,9 +70,10 @@ def place_loops(body: dict[str, Any], plan: LoopPlan) -> bool:
                 raise LoopPlanError(str(error), param) from None
     if len(set(values.values())) > 1:
         raise LoopPlanError(f"'loops' and 'vllm_xargs.loops' disagree: {values}", LOOPS_KEY)
+    loops = values.popitem()[1]
     body.pop(LOOPS_KEY, None)
-    body[XARGS_KEY] = {**(xargs or {}), LOOPS_KEY: values.popitem()[1]}
-    return True
+    body[XARGS_KEY] = {**(xargs or {}), LOOPS_KEY: loops}
+    return loops
 
 
 class LoopserveMiddleware:
@@ -102,10 +110,10 @@ class LoopserveMiddleware:
             if not message.get("more_body", False):
                 break
 
-        data = bytes(body)
+        data, loops = bytes(body), None
         if b'"loops"' in data:  # cheap test first: most requests carry no `loops`
             try:
-                data = self._with_loops_placed(data, state)
+                data, loops = self._with_loops_placed(data, state)
             except LoopPlanError as error:
                 param = error.args[1] if len(error.args) > 1 else LOOPS_KEY
                 response = error_response(400, str(error.args[0]), "BadRequestError", param)
@@ -122,7 +130,11 @@ class LoopserveMiddleware:
             replayed = True
             return {"type": "http.request", "body": data, "more_body": False}
 
-        await self.app(scope, replay, send)
+        token = REQUESTED_LOOPS.set(loops)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            REQUESTED_LOOPS.reset(token)
 
     def _authorized(self, scope: Scope) -> bool:
         if self._key_hashes is None:
@@ -138,14 +150,15 @@ class LoopserveMiddleware:
         return match and scheme.lower() == "bearer"
 
     @staticmethod
-    def _with_loops_placed(data: bytes, state: Any) -> bytes:
+    def _with_loops_placed(data: bytes, state: Any) -> tuple[bytes, int | None]:
         try:
             body = json.loads(data)
         except ValueError:
-            return data  # not JSON: vLLM answers that itself
-        if not isinstance(body, dict) or not place_loops(body, served_plan(state)):
-            return data
-        return json.dumps(body).encode()
+            return data, None  # not JSON: vLLM answers that itself
+        if not isinstance(body, dict):
+            return data, None
+        loops = place_loops(body, served_plan(state))
+        return (data, None) if loops is None else (json.dumps(body).encode(), loops)
 
 
 def served_plan(state: Any) -> LoopPlan:

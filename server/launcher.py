@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -32,20 +33,27 @@ class ServerProcess:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        # The engine's processes too, which a parent killed mid-start-up leaves behind.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
 
-def start_server(args: list[str], log_path: str, timeout: float = 300.0) -> ServerProcess:
+def start_server(args: list[str], log_path: str, timeout: float = 600.0) -> ServerProcess:
     """Start `loopserve serve ARGS`; return once /health answers 200 (vLLM opens the port
     only when the engine is ready)."""
     port = free_port()
     command = [sys.executable, "-m", "loopserve.server.cli", "serve", "--port", str(port), *args]
     log = open(log_path, "w")  # noqa: SIM115 - the child writes to it for its whole life
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    process = subprocess.Popen(
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=os.environ.copy(),
+        start_new_session=True,  # one process group: stop() ends the engine's processes too
+    )
     server = ServerProcess(f"http://127.0.0.1:{port}", process, log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

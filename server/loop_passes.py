@@ -208,8 +208,6 @@ class LoopedBlock:
         schedule = self.schedule
         assert schedule is not None, "LoopedBlock runs only inside a looped forward"
         fused = self.fused_entry
-        if fused is not None:
-            stream = hidden_states if residual is None else hidden_states + residual
         out: tuple[torch.Tensor, torch.Tensor] | None = None
         h, r = hidden_states, residual
         for p in range(schedule.max_loops):
@@ -229,7 +227,6 @@ class LoopedBlock:
                 step = loop_step(
                     h,
                     r,
-                    stream,
                     rows,
                     schedule.next_slot[p],
                     num_next,
@@ -238,7 +235,7 @@ class LoopedBlock:
                     *out,
                 )
                 h = step.next_hidden
-                r = stream = step.next_residual
+                r = step.next_residual
                 continue
             if num_next < num_rows:
                 done, done_rows, keep = schedule.done[p], schedule.done_rows[p], schedule.keep[p]

@@ -147,13 +147,24 @@ def plan_from_hf_config(hf_config: Any) -> LoopPlan:
 
     Takes the config object vLLM builds or its dict form.
     """
-    config = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
-    data = config.get(PLAN_CONFIG_KEY)
+    if isinstance(hf_config, dict):
+        data, num_layers = hf_config.get(PLAN_CONFIG_KEY), hf_config.get("num_hidden_layers")
+    else:
+        data = getattr(hf_config, PLAN_CONFIG_KEY, None)
+        num_layers = getattr(hf_config, "num_hidden_layers", None)
     if data is None:
-        return LoopPlan.for_model(config["num_hidden_layers"])
+        return LoopPlan.for_model(num_layers)
     return LoopPlan.from_dict(dict(data))
 
 
-def loop_cache_salt(salt: str | None, loops: int) -> str:
-    """Prefix-cache salt that keeps KV computed at different loop counts apart."""
-    return f"{salt}|loops={loops}" if salt else f"loops={loops}"
+def loop_cache_salt(plan: LoopPlan, loops: int, client_salt: str | None) -> str:
+    """The prefix-cache salt of every request a looped engine runs.
+
+    KV depends on the request's depth and on the plan that produced it, so both lead
+    the salt of every request (the default depth too), and the client's own salt comes
+    last. Every salt starts with the same fixed-format fields, so two requests share a
+    salt only if they share plan, depth and client salt: a client salt can never
+    spell another depth's key. vLLM also refuses '@' in client salts.
+    """
+    plan_key = "-".join(str(value) for value in plan.to_dict().values())
+    return f"loopserve@plan={plan_key}@loops={loops}@{client_salt or ''}"

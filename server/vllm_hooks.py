@@ -6,18 +6,22 @@ Each is checked against the vLLM release it was written for: on another release 
 module fails at import with a message naming what to check, rather than run silently
 wrong.
 
-1. Config (`MODELS_CONFIG_MAP`): for a looped architecture refuse what the looped block
-   cannot serve exactly (pipeline parallelism, LoRA, speculative decoding), keep the V1
-   model runner (the hook in 2 lives there) and add the admission check of loop counts
-   (`loop_admission`, a logits-processor validator) to the engine.
+1. Config (`MODELS_CONFIG_MAP`): for a looped architecture refuse, at start-up, what the
+   looped block cannot serve exactly (`_refused_features`), keep the V1 model runner (the
+   hook in 2 lives there) and add the admission check of loop counts (`loop_admission`,
+   a logits-processor validator) to the engine.
 2. Model runner (`GPUModelRunner._model_forward`, `_dummy_run`; the CPU runner inherits
    them): publish per-token loop counts for the step, from each request's
    `SamplingParams.extra_args["loops"]`; dummy runs (warm-up, compilation, profiling)
    use k=1, the path vLLM compiles, then once at the deepest k, which compiles
-   loopserve's segments at start-up. A looped step bypasses vLLM's compiled forward and
-   its CUDA graphs (`eager_model_calls`); loopserve's own segments compile it.
-3. Engine core (`Request.from_engine_core_request`): fold the loop count into the
-   request's prefix-cache salt, so KV computed at one depth is never reused at another.
+   loopserve's segments at start-up. Once the KV cache is set up
+   (`initialize_kv_cache`), the hook reads the empty batch's loop counts the way a real
+   step does, so a vLLM whose runner renamed what that reads refuses to start. A looped
+   step bypasses vLLM's compiled forward and its CUDA graphs
+   (`eager_model_calls`); loopserve's own segments compile it.
+3. Engine core (`EngineCore.preprocess_add_request`): every request's prefix-cache salt
+   leads with the plan and its resolved depth (`loop_cache_salt`), so KV computed at one
+   depth or under one plan is never reused at another.
 4. Registry: `ModelRegistry.register_model` (public) for `Looped<Arch>` of every
    supported architecture; `vllm_model_class` finds vLLM's own class for `<Arch>`.
 """
@@ -35,6 +39,7 @@ import numpy as np
 import vllm
 
 from loopserve.server.loop_plan import (
+    LOOPED_PREFIX,
     LOOPS_KEY,
     SUPPORTED_ARCHITECTURES,
     LoopPlan,
@@ -61,14 +66,17 @@ from vllm.model_executor.models.config import (  # noqa: E402
     MODELS_CONFIG_MAP,
     VerifyAndUpdateConfig,
 )
-from vllm.v1.request import Request  # noqa: E402
+from vllm.sampling_params import SamplingParams  # noqa: E402
+from vllm.v1.engine.core import EngineCore  # noqa: E402
+from vllm.v1.worker.gpu_input_batch import CachedRequestState  # noqa: E402
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402
 
 for _owner, _name in (
     (GPUModelRunner, "_model_forward"),
     (GPUModelRunner, "_dummy_run"),
+    (GPUModelRunner, "initialize_kv_cache"),
     (GPUModelRunner, "get_model"),
-    (Request, "from_engine_core_request"),
+    (EngineCore, "preprocess_add_request"),
     (ModelRegistry, "_try_load_model_cls"),
 ):
     if not hasattr(_owner, _name):
@@ -76,9 +84,18 @@ for _owner, _name in (
             f"vLLM {vllm.__version__} has no {_owner.__name__}.{_name}: loopserve's hooks "
             "do not fit this release"
         )
-for _field in ("skip_compiled", "cudagraph_runtime_mode"):
-    if _field not in ForwardContext.__dataclass_fields__:
-        raise ImportError(f"vLLM {vllm.__version__}'s ForwardContext has no {_field}")
+for _owner, _field in (
+    (ForwardContext, "skip_compiled"),
+    (ForwardContext, "cudagraph_runtime_mode"),
+    (CachedRequestState, "sampling_params"),
+    (SamplingParams, "extra_args"),
+):
+    # vLLM's records are dataclasses or msgspec structs.
+    if _field not in {
+        *getattr(_owner, "__dataclass_fields__", ()),
+        *getattr(_owner, "__struct_fields__", ()),
+    }:
+        raise ImportError(f"vLLM {vllm.__version__}'s {_owner.__name__} has no {_field}")
 
 
 def vllm_model_class(architecture: str) -> type:
@@ -115,6 +132,32 @@ def attention_layer(layer_name: str) -> Any:
     return get_forward_context().no_compile_layers[layer_name]
 
 
+def _refused_features(vllm_config: Any) -> dict[str, bool]:
+    """What a looped model cannot serve exactly, each with whether this config asks for it."""
+    cache_config = vllm_config.cache_config
+    return {
+        "pipeline parallelism (the looped block must stay inside one stage; use "
+        "tensor parallelism)": vllm_config.parallel_config.pipeline_parallel_size > 1,
+        "LoRA adapters (a subset pass would apply the adapters of other rows)": (
+            vllm_config.lora_config is not None
+        ),
+        "speculative decoding (draft and target would disagree on depth)": (
+            vllm_config.speculative_config is not None
+        ),
+        "dual-batch overlap (--enable-dbo: its micro-batches carry no loop counts)": (
+            vllm_config.parallel_config.enable_dbo
+        ),
+        "a pooling runner (embedding, scoring: looping is for generation)": (
+            vllm_config.model_config.runner_type == "pooling"
+        ),
+        "KV connectors and KV offloading (they store and reload KV by token hashes that "
+        "know nothing of depth or loop plan)": (
+            vllm_config.kv_transfer_config is not None
+            or getattr(cache_config, "kv_offloading_size", None) is not None
+        ),
+    }
+
+
 class LoopedModelConfig(VerifyAndUpdateConfig):
     """Config hook vLLM calls while building the VllmConfig of a looped architecture."""
 
@@ -122,17 +165,7 @@ class LoopedModelConfig(VerifyAndUpdateConfig):
     def verify_and_update_config(vllm_config: Any) -> None:
         from loopserve.server.loop_admission import validator_for
 
-        refused = {
-            "pipeline parallelism (the looped block must stay inside one stage; use "
-            "tensor parallelism)": vllm_config.parallel_config.pipeline_parallel_size > 1,
-            "LoRA adapters (a subset pass would apply the adapters of other rows)": (
-                vllm_config.lora_config is not None
-            ),
-            "speculative decoding (draft and target would disagree on depth)": (
-                vllm_config.speculative_config is not None
-            ),
-        }
-        for what, present in refused.items():
+        for what, present in _refused_features(vllm_config).items():
             if present:
                 raise ValueError(f"loopserve: {what} is not supported with a looped model")
         if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "") in ("1", "true", "True"):
@@ -143,12 +176,25 @@ class LoopedModelConfig(VerifyAndUpdateConfig):
         if "VLLM_USE_V2_MODEL_RUNNER" not in os.environ:
             logger.info("loopserve: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        if vllm_config.use_v2_model_runner:
+            raise ValueError(
+                "loopserve: the looped model needs vLLM's V1 model runner, and a feature of "
+                "this configuration (HiSparse attention or watermarking) forces V2"
+            )
         model_config = vllm_config.model_config
         plan = plan_from_hf_config(model_config.hf_config)
         validator = validator_for(plan)
         processors = list(model_config.logits_processors or [])
         if validator not in processors:
             model_config.logits_processors = [*processors, validator]
+
+
+def looped_plan(model_config: Any) -> LoopPlan | None:
+    """The loop plan of the model an engine serves; None for a stock model."""
+    architectures = getattr(model_config, "architectures", None) or [""]
+    if not architectures[0].startswith(LOOPED_PREFIX):
+        return None
+    return plan_from_hf_config(model_config.hf_config)
 
 
 def _looped_model(runner: Any) -> Any | None:
@@ -158,12 +204,18 @@ def _looped_model(runner: Any) -> Any | None:
 
 def _step_token_loops(runner: Any, plan: LoopPlan, num_tokens: int) -> np.ndarray:
     """Per-token loop counts of the scheduled batch, padding rows at 1."""
-    num_reqs = runner.input_batch.num_reqs
-    per_request = [
-        plan.loops_of(runner.requests[req_id].sampling_params.extra_args)
-        for req_id in runner.input_batch.req_ids[:num_reqs]
-    ]
-    counts = np.diff(runner.query_start_loc.np[: num_reqs + 1])
+    try:
+        num_reqs = runner.input_batch.num_reqs
+        per_request = [
+            plan.loops_of(runner.requests[req_id].sampling_params.extra_args)
+            for req_id in runner.input_batch.req_ids[:num_reqs]
+        ]
+        counts = np.diff(runner.query_start_loc.np[: num_reqs + 1])
+    except AttributeError as error:
+        raise RuntimeError(
+            f"loopserve's step hook does not fit vLLM {vllm.__version__}'s model runner: "
+            f"{error}; check vllm_hooks._step_token_loops against this release"
+        ) from error
     token_loops = np.ones(num_tokens, dtype=np.int64)
     token_loops[: int(counts.sum())] = np.repeat(per_request, counts)
     return token_loops
@@ -183,6 +235,21 @@ def _wrap_model_forward(original):
             return original(self, input_ids, positions, *args, **kwargs)
 
     return _model_forward
+
+
+def _wrap_initialize_kv_cache(original):
+    @functools.wraps(original)
+    def initialize_kv_cache(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        model = _looped_model(self)
+        if model is not None:
+            # Once at start-up, with the batch as steps will see it: reading its (empty)
+            # loop counts as a real step does makes a runner that no longer fits refuse
+            # to start instead of failing the first request.
+            _step_token_loops(self, model.loop_plan, 0)
+        return result
+
+    return initialize_kv_cache
 
 
 def _wrap_dummy_run(original):
@@ -205,16 +272,17 @@ def _wrap_dummy_run(original):
     return _dummy_run
 
 
-def _wrap_from_engine_core_request(original):
+def _wrap_preprocess_add_request(original):
     @functools.wraps(original)
-    def from_engine_core_request(cls, request, block_hasher):
-        params = request.sampling_params
-        extra = params.extra_args if params is not None else None
-        if extra and LOOPS_KEY in extra:
-            request.cache_salt = loop_cache_salt(request.cache_salt, extra[LOOPS_KEY])
-        return original.__func__(cls, request, block_hasher)
+    def preprocess_add_request(self, request):
+        plan = looped_plan(self.vllm_config.model_config)
+        if plan is not None:
+            params = request.sampling_params
+            loops = plan.loops_of(params.extra_args if params is not None else None)
+            request.cache_salt = loop_cache_salt(plan, loops, request.cache_salt)
+        return original(self, request)
 
-    return classmethod(from_engine_core_request)
+    return preprocess_add_request
 
 
 _installed = False
@@ -232,8 +300,11 @@ def register() -> None:
         MODELS_CONFIG_MAP[looped] = LoopedModelConfig
     GPUModelRunner._model_forward = _wrap_model_forward(GPUModelRunner._model_forward)
     GPUModelRunner._dummy_run = _wrap_dummy_run(GPUModelRunner._dummy_run)
-    Request.from_engine_core_request = _wrap_from_engine_core_request(
-        Request.__dict__["from_engine_core_request"]
+    GPUModelRunner.initialize_kv_cache = _wrap_initialize_kv_cache(
+        GPUModelRunner.initialize_kv_cache
+    )
+    EngineCore.preprocess_add_request = _wrap_preprocess_add_request(
+        EngineCore.preprocess_add_request
     )
     _installed = True
 
@@ -353,6 +424,29 @@ def _wrap_completion_response(original, info: Any):
     return response
 
 
+def _with_requested_loops(sampling_params: Any) -> Any:
+    """The parameters, carrying the loop count the HTTP request asked for.
+
+    Where vLLM builds sampling parameters itself (beam search's per-step requests,
+    generative scoring, ...), the request's `vllm_xargs` never reach them; the count
+    the middleware checked (`REQUESTED_LOOPS`) is added to a copy, so every path runs
+    at the depth the request asked for.
+    """
+    import copy
+
+    from loopserve.server.http_guard import REQUESTED_LOOPS
+
+    requested = REQUESTED_LOOPS.get()
+    if requested is None or not isinstance(sampling_params, SamplingParams):
+        return sampling_params
+    extra = sampling_params.extra_args or {}
+    if LOOPS_KEY in extra:
+        return sampling_params
+    carried = copy.copy(sampling_params)
+    carried.extra_args = {**extra, LOOPS_KEY: requested}
+    return carried
+
+
 def _wrap_generate(original, info: Any):
     from vllm.sampling_params import RequestOutputKind
 
@@ -362,6 +456,7 @@ def _wrap_generate(original, info: Any):
 
     @functools.wraps(original)
     def generate(prompt, sampling_params, request_id, *args, **kwargs):
+        sampling_params = _with_requested_loops(sampling_params)
         stream = original(prompt, sampling_params, request_id, *args, **kwargs)
         try:
             loops = info.plan.loops_of(getattr(sampling_params, "extra_args", None))

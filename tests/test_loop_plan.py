@@ -67,10 +67,22 @@ def test_parse_block():
             parse_block(text)
 
 
-def test_cache_salt_differs_per_loop_count():
-    salts = {loop_cache_salt(None, k) for k in range(1, 5)}
-    assert len(salts) == 4
-    assert loop_cache_salt("user", 2) != loop_cache_salt("user", 3) != loop_cache_salt(None, 3)
+def test_cache_salt_is_unique_per_plan_depth_and_client_salt():
+    """Breakage caught: a client salt that spells another depth's (or plan's) key.
+
+    The reported collisions: a depth-1 request salted "loops=4" or "t1|loops=4" against a
+    depth-4 request with no salt or salt "t1"; plus salts built from the folded form itself.
+    """
+    plans = [
+        LoopPlan.for_model(30),
+        LoopPlan.for_model(30, (12, 16)),
+        LoopPlan.for_model(30, None, 8),
+    ]
+    client_salts = [None, "t1", "loops=4", "t1|loops=4", "t1@loops=4", "@", "@loops=1@t1"]
+    client_salts.append(loop_cache_salt(plans[0], 1, "t1"))
+    keys = [(i, k, s) for i in range(len(plans)) for k in (1, 2, 4) for s in client_salts]
+    salts = {loop_cache_salt(plans[i], k, s) for i, k, s in keys}
+    assert len(salts) == len(keys)
 
 
 def test_schedule_rows_and_slots():

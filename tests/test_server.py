@@ -33,7 +33,7 @@ def server(tmp_path_factory, model_path):
             *("--api-key", API_KEY, "--max-model-len", str(MAX_MODEL_LEN)),
             *("--max-num-seqs", "64", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)),
             *("--enable-request-id-headers", "--enable-auto-tool-choice"),
-            *("--tool-call-parser", "hermes"),
+            *("--tool-call-parser", "hermes", "--enable-prompt-tokens-details"),
         ],
         str(log),
     )
@@ -313,6 +313,78 @@ def test_responses_api_carries_loops(http):
     assert response.status_code == 200, response.text
     assert response.json()["output"][0]["content"][0]["text"]
     assert metric(http, 'loopserve_requests_total{loops="2"}') == before + 1
+
+
+# ----- prefix-cache isolation by depth; `loops` on vLLM's own sampling parameters ---------
+
+
+def _cached_completion(http, prompt: str, **fields) -> tuple[str, int]:
+    """Greedy text and the prompt tokens vLLM served from its prefix cache."""
+    body = {"model": model_name(http), "prompt": prompt, "max_tokens": 8, "temperature": 0}
+    response = http.post("/v1/completions", json={**body, **fields})
+    assert response.status_code == 200, response.text
+    data = response.json()
+    return data["choices"][0]["text"], data["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def _isolation_prompt(tag: str) -> str:
+    """About 280 tokens (over 256, so whole blocks get cached), unique to the test."""
+    return " ".join(f"{tag} line {i}: the {i}th lamp is red." for i in range(26))
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ({"cache_salt": "loops=4"}, {"loops": 4}),  # depth 1 salted to look like depth 4
+        ({"cache_salt": "t1|loops=4"}, {"cache_salt": "t1", "loops": 4}),
+        ({"cache_salt": "same"}, {"cache_salt": "same", "loops": 4}),  # one salt, two depths
+        ({"loops": 3}, {"loops": 4}),
+    ],
+    ids=["forged-salt", "forged-folded-salt", "same-salt", "no-salt"],
+)
+def test_prefix_cache_never_crosses_depths(http, request, first, second):
+    """Breakage caught: a deep request reusing KV computed at another depth (issue 15).
+
+    The reused blocks' pass planes were never written for this prompt, so the text
+    differs from a fresh run of the same request.
+    """
+    prompt = _isolation_prompt(request.node.callspec.id)
+    _cached_completion(http, prompt, **first)
+    text, cached = _cached_completion(http, prompt, **second)
+    fresh_salt = f"fresh-{time.monotonic_ns()}"
+    fresh, fresh_cached = _cached_completion(http, prompt, **{**second, "cache_salt": fresh_salt})
+    assert fresh_cached == 0
+    assert cached == 0
+    assert text == fresh
+
+
+def test_prefix_cache_is_reused_at_the_same_depth(http):
+    """Breakage caught: isolation bought by never caching (or a salt that changes per call)."""
+    prompt = _isolation_prompt("reuse")
+    first, _ = _cached_completion(http, prompt, cache_salt="mine", loops=4)
+    again, cached = _cached_completion(http, prompt, cache_salt="mine", loops=4)
+    assert cached >= 256
+    assert again == first
+
+
+def test_beam_search_runs_at_the_requested_depth(http):
+    """Breakage caught: `loops` dropped where vLLM builds its own sampling parameters.
+
+    vLLM's beam search sends one request per step with parameters it makes itself; one
+    beam is greedy decoding, so each depth's beam equals that depth's greedy text.
+    """
+    prompt = "The three most common colors of cars are"
+    texts = {}
+    for loops in (1, 4):
+        greedy, _ = _cached_completion(http, prompt, loops=loops)
+        body = {"model": model_name(http), "prompt": prompt, "max_tokens": 8, "loops": loops}
+        response = http.post("/v1/completions", json={**body, "use_beam_search": True, "n": 1})
+        assert response.status_code == 200, response.text
+        beam = response.json()
+        assert beam["usage"]["loops"] == loops
+        assert beam["choices"][0]["text"] == greedy
+        texts[loops] = greedy
+    assert texts[1] != texts[4]
 
 
 def test_tokenize_and_detokenize(http):

@@ -27,6 +27,13 @@ def engine_config(model_path: str, **overrides):
             "speculative decoding",
         ),
         ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
+        ({"enable_dbo": True}, "dual-batch overlap"),
+        ({"runner": "pooling"}, "a pooling runner"),
+        ({"kv_offloading_size": 1.0}, "KV connectors and KV offloading"),
+        (
+            {"kv_transfer_config": {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}},
+            "KV connectors and KV offloading",
+        ),
     ],
 )
 def test_features_wrong_on_subset_passes_are_refused(model_path, overrides, message):
@@ -51,3 +58,45 @@ def _params(extra_args):
     from vllm import SamplingParams
 
     return SamplingParams(extra_args=extra_args)
+
+
+def test_a_runner_forced_to_v2_is_refused(model_path, monkeypatch):
+    """Breakage caught: a looped model on the V2 runner, where the step hook never runs."""
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(Exception, match="loopserve: the looped model needs vLLM's V1 model runner"):
+        engine_config(model_path)
+
+
+RENAMED_RUNNER_FIELD = """
+import sys
+from vllm.v1.worker.gpu_input_batch import InputBatch
+# What a vLLM release that renamed a field the step hook reads looks like.
+InputBatch.request_ids = InputBatch.req_ids
+del InputBatch.req_ids
+from vllm import LLM
+from loopserve.server.engine import EngineConfig, vllm_engine_kwargs
+config = EngineConfig(model=sys.argv[1], dtype="float32", max_model_len=256, enforce_eager=True)
+LLM(**vllm_engine_kwargs(config)[0])
+print("ENGINE STARTED")
+"""
+
+
+def test_a_runner_without_a_field_the_step_hook_reads_refuses_to_start(tiny_checkpoint):
+    """Breakage caught: a vLLM that renamed what the per-step hook reads, found only when
+    the first real request kills the engine. Start-up reads it through the same code."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the worker in this process
+    result = subprocess.run(
+        [sys.executable, "-c", RENAMED_RUNNER_FIELD, str(tiny_checkpoint("LlamaForCausalLM"))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode != 0
+    assert "ENGINE STARTED" not in result.stdout
+    assert "loopserve's step hook does not fit vLLM" in result.stderr
+    assert "req_ids" in result.stderr

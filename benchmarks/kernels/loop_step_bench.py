@@ -52,12 +52,12 @@ def load_loop_step() -> ModuleType:
 def fused_bytes_per_row(h: int, elt: int, slot_elt: int = 8) -> int:
     """DRAM bytes per row of the fused step.
 
-    Reads hidden, residual, prev_stream (3*H*elt); writes one pair, either the next pass's
-    (next_hidden, next_residual) or the finished (out_hidden, out_residual) (2*H*elt); writes
-    update_ratio (4); reads rows (8) and next_slot (slot_elt). The weight (H*w_elt) is read
-    once per launch from DRAM and then served from L2, so it is counted per launch, not per row.
+    Reads hidden and residual (2*H*elt); writes one pair, either the next pass's
+    (next_hidden, next_residual) or the finished (out_hidden, out_residual) (2*H*elt); reads
+    rows (8) and next_slot (slot_elt). The weight (H*w_elt) is read once per launch from DRAM
+    and then served from L2, so it is counted per launch, not per row.
     """
-    return 5 * h * elt + 4 + 8 + slot_elt
+    return 4 * h * elt + 8 + slot_elt
 
 
 def fused_bytes(m: int, h: int, elt: int, w_elt: int, slot_elt: int = 8) -> int:
@@ -84,14 +84,6 @@ def unfused_ops(
         ]
     ops += [
         ("x = h + r", 1, 2 * h * f32, h * f32),
-        ("||x||", 1, h * f32, 4),
-    ]
-    if up:
-        ops.append(("prev.to(fp32)", 1, h * elt, h * f32))
-    ops += [
-        ("x - prev", 1, 2 * h * f32, h * f32),
-        ("||x - prev||", 1, h * f32, 4),
-        ("ratio: >, /, zeros, where", 1, 4 + 8 + 9, 1 + 4 + 4 + 4),
         ("argsort(next_slot)", 1, slot_elt, 8),
     ]
     fin = 1 - frac_next
@@ -150,7 +142,6 @@ def make_inputs(torch, m: int, h: int, dtype, device, num_next: int, seed: int) 
     kw = {"generator": g, "device": device}
     hidden = torch.randn(m, h, **kw)
     residual = 2 * torch.randn(m, h, **kw)
-    prev = hidden + residual + 0.3 * torch.randn(m, h, **kw)
     n = m + 5
     rows = torch.randperm(n, **kw)[:m]
     next_slot = torch.full((m,), -1, dtype=torch.int64, device=device)
@@ -160,7 +151,6 @@ def make_inputs(torch, m: int, h: int, dtype, device, num_next: int, seed: int) 
     return {
         "hidden": hidden.to(dtype),
         "residual": residual.to(dtype),
-        "prev_stream": prev.to(dtype),
         "rows": rows,
         "next_slot": next_slot,
         "num_next": num_next,
@@ -175,7 +165,7 @@ def fresh_buffers(torch, inputs: dict, dtype=None) -> dict:
     """The same inputs with NaN-poisoned out buffers (float tensors cast to `dtype` if given)."""
     out = dict(inputs)
     if dtype is not None:
-        for key in ("hidden", "residual", "prev_stream", "weight"):
+        for key in ("hidden", "residual", "weight"):
             out[key] = inputs[key].to(dtype)
     ref = out["hidden"]
     for key in ("out_hidden", "out_residual"):
@@ -210,7 +200,7 @@ def check_case(torch, ls: ModuleType, m: int, h: int, dtype, device, bitwise: bo
     )
     errors = {
         key: rel_err(getattr(tri, key), getattr(ref, key))
-        for key in ("next_hidden", "next_residual", "update_ratio")
+        for key in ("next_hidden", "next_residual")
     }
     ok = all(e < TOL[name] for e in errors.values())
     ok &= not any(getattr(tri, k).isnan().any() for k in ("next_hidden", "next_residual"))
