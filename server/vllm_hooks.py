@@ -60,6 +60,7 @@ if not vllm.__version__.startswith(SUPPORTED_VLLM):
     )
 
 from vllm.config import CUDAGraphMode  # noqa: E402
+from vllm.distributed.utils import get_pp_indices  # noqa: E402
 from vllm.forward_context import ForwardContext, get_forward_context  # noqa: E402
 from vllm.model_executor.models import ModelRegistry  # noqa: E402
 from vllm.model_executor.models.config import (  # noqa: E402
@@ -136,8 +137,6 @@ def _refused_features(vllm_config: Any) -> dict[str, bool]:
     """What a looped model cannot serve exactly, each with whether this config asks for it."""
     cache_config = vllm_config.cache_config
     return {
-        "pipeline parallelism (the looped block must stay inside one stage; use "
-        "tensor parallelism)": vllm_config.parallel_config.pipeline_parallel_size > 1,
         "LoRA adapters (a subset pass would apply the adapters of other rows)": (
             vllm_config.lora_config is not None
         ),
@@ -156,6 +155,23 @@ def _refused_features(vllm_config: Any) -> dict[str, bool]:
             or getattr(cache_config, "kv_offloading_size", None) is not None
         ),
     }
+
+
+def _check_block_inside_one_stage(plan: LoopPlan, num_stages: int) -> None:
+    """Refuse a block across a pipeline-stage boundary: one stage must run all its passes.
+
+    The stages are vLLM's own split of the layers (`get_pp_indices`, which follows
+    `VLLM_PP_LAYER_PARTITION`), the one every worker builds its layers from.
+    """
+    stages = [get_pp_indices(plan.num_layers, rank, num_stages) for rank in range(num_stages)]
+    if any(first <= plan.start and plan.end <= last for first, last in stages):
+        return
+    spans = ", ".join(f"{first}:{last}" for first, last in stages)
+    raise ValueError(
+        f"loopserve: loop block {plan.start}:{plan.end} straddles a pipeline-stage boundary "
+        f"(stages {spans} with --pipeline-parallel-size {num_stages}); choose a block inside "
+        f"one stage (any START:END within one of {spans}) or set VLLM_PP_LAYER_PARTITION"
+    )
 
 
 class LoopedModelConfig(VerifyAndUpdateConfig):
@@ -183,6 +199,7 @@ class LoopedModelConfig(VerifyAndUpdateConfig):
             )
         model_config = vllm_config.model_config
         plan = plan_from_hf_config(model_config.hf_config)
+        _check_block_inside_one_stage(plan, vllm_config.parallel_config.pipeline_parallel_size)
         validator = validator_for(plan)
         processors = list(model_config.logits_processors or [])
         if validator not in processors:

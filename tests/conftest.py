@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -75,3 +76,17 @@ def segment_graphs(model) -> int:
         for segment in model._segments
         if isinstance(segment, CompiledSegment)
     )
+
+
+@contextlib.contextmanager
+def one_core_per_rank():
+    """vLLM's CPU workers bind to core 0 by default; two ranks get a core each."""
+    saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND")
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved

@@ -9,12 +9,13 @@ from __future__ import annotations
 import pytest
 
 
-def engine_config(model_path: str, **overrides):
+def engine_config(model_path: str, loop_block: tuple[int, int] | None = None, **overrides):
     from vllm.engine.arg_utils import EngineArgs
 
     from loopserve.server.engine import EngineConfig, vllm_engine_kwargs
 
-    kwargs, _ = vllm_engine_kwargs(EngineConfig(model=model_path, dtype="float32"))
+    config = EngineConfig(model=model_path, dtype="float32", loop_block=loop_block)
+    kwargs, _ = vllm_engine_kwargs(config)
     return EngineArgs(**{**kwargs, "max_model_len": 512, **overrides}).create_engine_config()
 
 
@@ -26,7 +27,6 @@ def engine_config(model_path: str, **overrides):
             {"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}},
             "speculative decoding",
         ),
-        ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
         ({"enable_dbo": True}, "dual-batch overlap"),
         ({"runner": "pooling"}, "a pooling runner"),
         ({"kv_offloading_size": 1.0}, "KV connectors and KV offloading"),
@@ -39,6 +39,19 @@ def engine_config(model_path: str, **overrides):
 def test_features_wrong_on_subset_passes_are_refused(model_path, overrides, message):
     with pytest.raises(Exception, match=f"loopserve: {message}"):
         engine_config(model_path, **overrides)
+
+
+def test_a_block_across_pipeline_stages_is_refused(model_path):
+    """Breakage caught: a block split over two stages (neither could run its passes).
+
+    The default model's 30 layers split 0:15 and 15:30; the default block is 13:17.
+    """
+    message = "loop block 13:17 straddles a pipeline-stage boundary .stages 0:15, 15:30"
+    with pytest.raises(Exception, match=message):
+        engine_config(model_path, pipeline_parallel_size=2)
+    for block in ((1, 5), (15, 30)):
+        config = engine_config(model_path, block, pipeline_parallel_size=2)
+        assert config.parallel_config.pipeline_parallel_size == 2
 
 
 def test_looped_engine_gets_the_admission_check(model_path):
