@@ -25,9 +25,9 @@ def _looped_classes_in_worker() -> list[str]:
 
 def test_plugin_loads_in_a_ray_worker():
     """Breakage caught: the plugin registered only in the driver (or not installed)."""
-    from loopserve.server.loop_plan import SUPPORTED_ARCHITECTURES, looped_architecture
-
     import sys
+
+    from loopserve.server.loop_plan import SUPPORTED_ARCHITECTURES, looped_architecture
 
     # Ray workers cannot import this test module: ship the task's function by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
