@@ -6,7 +6,7 @@ accuracy differences are the loops' alone, and two loop counts are compared item
 baseline and the share of answers in the answer's form, so a format failure is not read as a
 reasoning failure. FLOPs come from the server's FLOPs model (`loopserve.server.flops`); a
 probe request checks that the server bills exactly that, and that torch's flop counter on the
-unrolled reference counts the same, before any load is sent.
+unrolled model (meta tensors, sliding windows applied) counts the same, before any load is sent.
 """
 
 from __future__ import annotations
@@ -15,17 +15,20 @@ import argparse
 import asyncio
 import json
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+import openai
 from tqdm import tqdm
 
 from loopserve.benchmarks import plots, report, stats
 from loopserve.benchmarks.cli import BenchError, check_loops, model_card
-from loopserve.benchmarks.flops_check import counted_request_flops
+from loopserve.benchmarks.flops_check import checkpoint_config, counted_flops
 from loopserve.benchmarks.tasks import (
+    ITERATE_TASKS,
     TASKS,
     Example,
     family,
@@ -36,7 +39,7 @@ from loopserve.benchmarks.tasks import (
     parse_answer,
     score,
 )
-from loopserve.clients.client import AsyncLoopserveClient, LoopserveError
+from loopserve.clients.client import AsyncLoopserveClient
 from loopserve.server.flops import FlopsModel, ModelShape
 from loopserve.server.loop_plan import LoopPlan
 
@@ -158,6 +161,12 @@ def request_flops(flops: FlopsModel, loops: int, prompt_tokens: int, completion_
 # ---------------------------------------------------------------- requests
 
 
+def items_per_task(examples: list[Example]) -> int | str:
+    """Items per task as run, for labels: `--n`, or fewer in a finite family (`iterate`)."""
+    counts = sorted(set(Counter(e.task for e in examples).values()))
+    return counts[0] if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
 def item_indices(examples: list[Example]) -> list[int]:
     """Each example's index within its task, the key that pairs items across loop counts."""
     seen: dict[str, int] = {}
@@ -180,8 +189,10 @@ async def _complete(
             max_tokens=max_answer_tokens(example.task),
             temperature=0.0,
         )
-    except LoopserveError as error:
-        raise BenchError(f"{example.task} item {item}, loops={loops}: {error}") from None
+    except openai.APIStatusError as error:
+        raise BenchError(
+            f"{example.task} item {item}, loops={loops}: HTTP {error.status_code}: {error.message}"
+        ) from None
     usage = response.usage
     if usage is None or not response.choices:
         raise BenchError("the server answered without usage or choices: is it loopserve?")
@@ -212,7 +223,7 @@ async def _probe(
     got = await _complete(client, model_id, example, loops, -1)
     tokens = got.prompt_tokens + got.completion_tokens
     ours = request_flops(flops, loops, got.prompt_tokens, got.completion_tokens)
-    counted = counted_request_flops(model_path, flops.plan, loops, tokens)
+    counted = counted_flops(checkpoint_config(model_path), flops.plan, loops, tokens)
     if not got.total_flops == ours == counted:
         raise BenchError(
             f"FLOPs mismatch at loops={loops}, {tokens} tokens: the server billed "
@@ -273,9 +284,9 @@ def task_row(
         "ci95_low": low,
         "ci95_high": high,
         "guess_baseline": baseline,
-        # Only the suite's tasks have a known answer form (digit, letter, word).
+        # Only the suite's tasks have a known answer form (digit, letter, word, symbol).
         "format_ok_rate": sum(o.answer is not None for o in outcomes) / n
-        if task in TASKS
+        if task in TASKS + ITERATE_TASKS
         else None,
         "flops_per_token": flops.per_token(loops, round(context)),
         "mean_context_tokens": context,
@@ -379,11 +390,9 @@ def paired_tests(outcomes: list[Outcome], loops: list[int]) -> list[dict[str, An
 
 
 def model_path_of(model: str | None) -> str:
-    if model is not None:
-        return model
-    from loopserve.server.default_model import default_model_path
+    from loopserve.server.default_model import resolve_model
 
-    return str(default_model_path())
+    return resolve_model(model)
 
 
 def measure(
@@ -490,7 +499,7 @@ def main(args: argparse.Namespace, url: str, examples: list[Example]) -> int:
         examples,
         url=url,
         loops=args.loops,
-        n=args.n or (None if args.dataset else DEFAULT_N),
+        n=None if args.dataset and not args.n else items_per_task(examples),
         shots=args.shots,
         seed=args.seed,
         dataset=args.dataset,

@@ -85,17 +85,30 @@ def block_list(text: str) -> list[tuple[int, int]]:
 
 
 def task_list(text: str) -> list[str]:
-    """`all` or comma-separated task names, checked against the task suite."""
-    from loopserve.benchmarks.tasks import TASKS
+    """`all` (the text suite), `iterate` (its family) or comma-separated task names, checked
+    against the task suite."""
+    from loopserve.benchmarks.tasks import ITERATE_TASKS, TASKS
 
     if text.strip() == "all":
         return list(TASKS)
+    if text.strip() == "iterate":
+        return list(ITERATE_TASKS)
     names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in names if t not in TASKS]
+    unknown = [t for t in names if t not in TASKS + ITERATE_TASKS]
     if unknown or not names:
         bad = ", ".join(unknown) or repr(text)
-        raise argparse.ArgumentTypeError(f"unknown task(s) {bad}; valid: all, {', '.join(TASKS)}")
+        valid = ", ".join(TASKS + ITERATE_TASKS)
+        raise argparse.ArgumentTypeError(f"unknown task(s) {bad}; valid: all, iterate, {valid}")
     return list(dict.fromkeys(names))
+
+
+def default_tasks(model: str | None) -> list[str]:
+    """The looped reference model knows only the iterated map; any other model gets `all`."""
+    from loopserve.server.default_model import reference_model_path, resolve_model
+
+    if Path(resolve_model(model)).resolve() == reference_model_path():
+        return task_list("iterate")
+    return task_list("all")
 
 
 # ---------------------------------------------------------------- parsers
@@ -163,8 +176,8 @@ def _add_suite(parser: argparse.ArgumentParser, n_default: int | None, n_help: s
     parser.add_argument(
         "--tasks",
         type=task_list,
-        default=task_list("all"),
-        help="comma-separated task names, or all",
+        help="comma-separated task names, all (the text suite) or iterate "
+        "(default: iterate for looped-reference, else all)",
     )
     parser.add_argument("--n", type=positive_int, default=n_default, help=n_help)
     parser.add_argument("--shots", type=non_negative_int, default=5)
@@ -243,7 +256,9 @@ def _add_lm_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="latency and throughput per loop count (vLLM bench style)")
+    p = sub.add_parser(
+        "serve", help="`vllm bench serve` per loop count, mixed depths, FLOPs, vs a stock server"
+    )
     _add_common(p, "1,2,4")
     p.add_argument(
         "--mixed",
@@ -253,7 +268,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-prompts", type=positive_int, default=200)
     p.add_argument("--input-len", type=positive_int, default=128, help="prompt tokens")
     p.add_argument("--output-len", type=positive_int, default=128, help="generated tokens")
-    p.add_argument("--baseline-url", help="another OpenAI-compatible server for the same load")
+    p.add_argument(
+        "--baseline-url",
+        help="a stock vLLM (or any OpenAI-compatible) server, sent the same prompts and no loops",
+    )
     p.add_argument("--baseline-api-key", default=os.environ.get("OPENAI_API_KEY"))
 
 
@@ -306,7 +324,8 @@ def weights_precision(model_path: str) -> str:
 
     if Path(model_path).resolve() == Path(default_model_path()).resolve():
         return f"weights from {GGUF_FILE} (4-bit, dequantised)"
-    return f"weights {read_hf_config(model_path).get('torch_dtype', 'unknown dtype')}"
+    config = read_hf_config(model_path)
+    return f"weights {config.get('torch_dtype') or config.get('dtype', 'unknown dtype')}"
 
 
 def serve_args(args: argparse.Namespace, *, loop_block: str | None, max_loops: int) -> list[str]:
@@ -358,8 +377,7 @@ def _prepare(args: argparse.Namespace) -> Callable[[str], int]:
         return lambda url: accuracy.main(args, url, examples)
     from loopserve.benchmarks import serve
 
-    loads = serve.plan_loads(args)
-    return lambda url: serve.main(args, url, loads)
+    return lambda url: serve.main(args, url)
 
 
 # Commands that run on their own (no single server, or none at all), by module.
@@ -369,6 +387,8 @@ _STANDALONE = {"compare": "compare", "scan": "scan", "diagnose": "diagnose", "lm
 def run(args: argparse.Namespace) -> int:
     """Dispatch `bench ...`; a BenchError or unreachable server exits 2 with a line."""
     try:
+        if getattr(args, "tasks", "") is None:  # accuracy and scan: the model decides
+            args.tasks = default_tasks(args.model)
         if args.bench_command in _STANDALONE:
             from importlib import import_module
 

