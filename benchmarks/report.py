@@ -8,39 +8,28 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-PERCENTILES = (50, 90, 99)
+import numpy as np
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default), so results match `vllm bench serve`."""
-    if not values:
-        raise ValueError("percentile of no values")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def latency_stats(name: str, seconds: Sequence[float]) -> dict[str, float | None]:
-    """mean/std/median/p90/p99 of one latency in ms, named like vLLM (`median_ttft_ms`).
+def latency_stats(
+    name: str, seconds: Sequence[float], percentiles: Sequence[int] = (50, 90, 99)
+) -> dict[str, float | None]:
+    """mean/std/median/percentiles of one latency in ms, named as `vllm bench serve` names
+    them (`median_ttft_ms`, `p99_ttft_ms`) and computed as it computes them (numpy).
 
     No samples (e.g. TPOT of one-token outputs) gives None rather than NaN, which JSON lacks.
     """
-    ms = [1000.0 * s for s in seconds]
-    keys = [f"mean_{name}_ms", f"std_{name}_ms"] + [
-        f"{'median' if q == 50 else f'p{q}'}_{name}_ms" for q in PERCENTILES
-    ]
-    if not ms:
+    keys = [f"mean_{name}_ms", f"std_{name}_ms", f"median_{name}_ms"]
+    keys += [f"p{q}_{name}_ms" for q in percentiles]
+    if not seconds:
         return dict.fromkeys(keys)
-    mean = sum(ms) / len(ms)
-    std = math.sqrt(sum((x - mean) ** 2 for x in ms) / len(ms))
-    return dict(zip(keys, [mean, std, *(percentile(ms, q) for q in PERCENTILES)], strict=True))
+    ms = 1000.0 * np.asarray(seconds, dtype=float)
+    values = [ms.mean(), ms.std(), np.median(ms), *np.percentile(ms, percentiles)]
+    return {key: float(value) for key, value in zip(keys, values, strict=True)}
 
 
 def format_value(value: Any) -> str:

@@ -1,36 +1,40 @@
-"""`loopserve bench serve`: latency and throughput per loop count, in `vllm bench serve` terms.
+"""`loopserve bench serve`: `vllm bench serve` per loop count, plus what is about loops.
 
-Prompts are token-id lists, so every request has exactly --input-len prompt tokens, and
-`ignore_eos` makes every request generate exactly --output-len tokens: loads differ only in
-`loops`. Metric names follow vLLM's benchmark (`median_ttft_ms`, `output_throughput`, ...) so
-numbers can sit next to a stock vLLM baseline measured with this same harness.
+Every load is one run of vLLM's own serving benchmark (`vllm.benchmarks.serve.benchmark`:
+its random dataset, request function, ready check, warm-ups and metrics), so each number
+is what `vllm bench serve` reports and can sit beside a stock vLLM run. loopserve adds:
+- one load per loop count, `loops` sent in the benchmark's extra body (`--extra-body`);
+- a mixed-depth load, request i at loops[i % len(loops)] (vLLM's per-request overrides),
+  with each loop count's latency inside it;
+- FLOPs per request, from the server's FLOPs model on the server-reported token counts;
+- the ratio against a baseline server (stock vLLM), which is sent no `loops` at all.
 
-Fixed-k loads and the baseline share one prompt set (the per-loops prefix-cache salt keeps
-fixed-k runs apart); the mixed load and warm-ups get their own sets, because their
-(prompt, loops) pairs would otherwise hit KV cached by an earlier load and flatter TTFT.
+Fixed-k loads and the baseline share one prompt set (the per-depth prefix-cache salt
+keeps fixed-k loads apart); the mixed load gets its own, so that its (prompt, loops)
+pairs do not hit KV cached by the fixed loads.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-
-import httpx
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any
 
 from loopserve.benchmarks import report
 from loopserve.benchmarks.cli import BenchError, auth_headers, check_loops, model_card
-from loopserve.clients.client import DONE, LoopserveError, parse_sse_line
 
-TOKEN_RANGE = (100, 20000)  # plain vocabulary ids in any tokenizer of 32k+ entries
-WARMUP_REQUESTS = 2
-WARMUP_OUTPUT_LEN = 16
+if TYPE_CHECKING:
+    from vllm.benchmarks.datasets import SampleRequest
+
+    from loopserve.server.flops import FlopsModel
+
+WARMUPS = 2
+READY_CHECK_SECONDS = 10  # the server already answered /v1/models
+LATENCIES = ("ttft", "tpot", "itl", "e2el")
+PERCENTILES = (50, 90, 99)
 RATIO_KEYS = ("output_throughput", "median_ttft_ms", "median_itl_ms")
 TABLE = (
     "label",
@@ -45,203 +49,131 @@ TABLE = (
     "median_itl_ms",
     "p99_itl_ms",
     "median_e2el_ms",
+    "mean_flops_per_request",
 )
-
-
-@dataclass
-class RequestResult:
-    """Timings of one streamed request, in seconds from just before it was sent."""
-
-    loops: int | None
-    success: bool = False
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    ttft: float = 0.0
-    e2el: float = 0.0
-    itl: list[float] = field(default_factory=list)
-    error: str = ""
-
-    @property
-    def tpot(self) -> float | None:
-        """Time per output token after the first, as vLLM defines it."""
-        if self.output_tokens < 2:
-            return None
-        return (self.e2el - self.ttft) / (self.output_tokens - 1)
 
 
 @dataclass(frozen=True)
 class Load:
-    """One measured load: a label, and per request its prompt and loop count (None: none sent)."""
+    """One measured load: vLLM sample requests, and the loop count each is sent with.
+
+    `loops` is one count for the whole load (sent in the extra body), a list with one
+    count per request (the mixed load), or None: no `loops` field at all (the baseline).
+    """
 
     label: str
-    prompts: list[list[int]]
-    loops: list[int | None]
+    requests: list[SampleRequest]
+    loops: int | list[int] | None
+
+    def loops_of(self, index: int) -> int | None:
+        return self.loops[index] if isinstance(self.loops, list) else self.loops
 
 
-# ---------------------------------------------------------------- loads
+def sample_requests(args: argparse.Namespace, tokenizer: Any, seed: int) -> list[SampleRequest]:
+    """`--num-prompts` prompts of `--input-len` tokens from vLLM's random dataset."""
+    from vllm.benchmarks.datasets import get_samples
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    dataset = parser.parse_args(
+        [
+            "--dataset-name=random",
+            f"--num-prompts={args.num_prompts}",
+            f"--random-input-len={args.input_len}",
+            f"--random-output-len={args.output_len}",
+            f"--seed={seed}",
+        ]
+    )
+    return get_samples(dataset, tokenizer)
 
 
-def make_prompts(count: int, length: int, seed: int, tag: str) -> list[list[int]]:
-    """`count` token-id prompts of exactly `length` ids, reproducible from (seed, tag)."""
-    rng = random.Random(f"loopserve.bench.serve:{seed}:{tag}")
-    low, high = TOKEN_RANGE
-    return [[rng.randrange(low, high) for _ in range(length)] for _ in range(count)]
-
-
-def plan_loads(args: argparse.Namespace) -> list[Load]:
+def plan_loads(args: argparse.Namespace, tokenizer: Any) -> list[Load]:
     """One load per fixed loop count, then the mixed load if asked for."""
-    prompts = make_prompts(args.num_prompts, args.input_len, args.seed, "main")
-    loads = [Load(f"loops={k}", prompts, [k] * args.num_prompts) for k in args.loops]
+    requests = sample_requests(args, tokenizer, args.seed)
+    loads = [Load(f"loops={k}", requests, k) for k in args.loops]
     if args.mixed:
-        mixed = make_prompts(args.num_prompts, args.input_len, args.seed, "mixed")
         cycle = [args.loops[i % len(args.loops)] for i in range(args.num_prompts)]
-        loads.append(Load("mixed", mixed, list(cycle)))
+        loads.append(Load("mixed", sample_requests(args, tokenizer, args.seed + 1), cycle))
     return loads
 
 
-def warmup_load(load: Load, seed: int) -> Load:
-    """A few requests shaped like `load` (same loops) on prompts of their own."""
-    count = min(WARMUP_REQUESTS, len(load.prompts))
-    length = len(load.prompts[0])
-    return Load(
-        f"{load.label} warm-up",
-        make_prompts(count, length, seed, f"warmup:{load.label}"),
-        load.loops[:count],
+async def run_vllm_benchmark(
+    url: str, api_key: str | None, model: str, tokenizer: Any, load: Load, concurrency: int
+) -> dict[str, Any]:
+    """vLLM's `benchmark` on one load: greedy, exactly `--output-len` tokens per request."""
+    from vllm.benchmarks.serve import TaskType, benchmark
+
+    extra_body: dict[str, Any] = {"temperature": 0.0}
+    requests = load.requests
+    if isinstance(load.loops, int):
+        extra_body["loops"] = load.loops
+    elif isinstance(load.loops, list):
+        requests = [
+            replace(request, request_overrides={"loops": k})
+            for request, k in zip(requests, load.loops, strict=True)
+        ]
+    return await benchmark(
+        task_type=TaskType.GENERATION,
+        endpoint_type="openai",
+        api_url=f"{url}/v1/completions",
+        base_url=url,
+        model_id=model,
+        model_name=model,
+        tokenizer=tokenizer,
+        input_requests=requests,
+        logprobs=None,
+        request_rate=float("inf"),
+        burstiness=1.0,
+        disable_tqdm=False,
+        num_warmups=WARMUPS,
+        profile=False,
+        selected_percentile_metrics=list(LATENCIES),
+        selected_percentiles=[float(p) for p in PERCENTILES],
+        ignore_eos=True,
+        goodput_config_dict={},
+        max_concurrency=concurrency,
+        lora_modules=None,
+        extra_headers=auth_headers(api_key),
+        extra_body=extra_body,
+        ready_check_timeout_sec=READY_CHECK_SECONDS,
     )
 
 
-def request_body(
-    model: str, prompt: list[int], output_len: int, loops: int | None
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": output_len,
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    if loops is not None:
-        body["loops"] = loops
-    return body
+# ---------------------------------------------------------------- what is about loops
 
 
-# ---------------------------------------------------------------- streaming
+def request_flops(load: Load, result: dict[str, Any], flops: FlopsModel) -> list[int | None]:
+    """Each request's forward FLOPs (None for a failed one) at the tokens the server reported."""
+    return [
+        None if error else sum(flops.request(load.loops_of(i), prompt, output))
+        for i, (error, prompt, output) in enumerate(
+            zip(result["errors"], result["input_lens"], result["output_lens"], strict=True)
+        )
+    ]
 
 
-async def stream_request(http: httpx.AsyncClient, body: dict[str, Any]) -> RequestResult:
-    """Send one streamed completion; a chunk with choices marks a token arrival (as in vLLM)."""
-    result = RequestResult(loops=body.get("loops"), prompt_tokens=len(body["prompt"]))
-    start = last = time.perf_counter()
-    chunks = 0
-    usage: dict[str, Any] | None = None
-    try:
-        async with http.stream("POST", "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                result.error = f"HTTP {response.status_code}: {response.text[:500]}"
-                return result
-            async for line in response.aiter_lines():
-                event = parse_sse_line(line)
-                if event is None or event is DONE:
-                    continue
-                now = time.perf_counter()
-                if event.get("choices"):
-                    if chunks == 0:
-                        result.ttft = now - start
-                    else:
-                        result.itl.append(now - last)
-                    last, chunks = now, chunks + 1
-                usage = event.get("usage") or usage
-    except (httpx.HTTPError, LoopserveError, ValueError) as error:
-        result.error = f"{type(error).__name__}: {error}"
-        return result
-    result.e2el = time.perf_counter() - start
-    result.output_tokens = usage["completion_tokens"] if usage else chunks
-    result.prompt_tokens = usage["prompt_tokens"] if usage else result.prompt_tokens
-    result.success = chunks > 0
-    result.error = "" if chunks else "no tokens streamed"
-    return result
+def by_loops(load: Load, result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Latency per loop count inside a mixed load: what each k pays batched with others.
 
-
-async def run_load(
-    url: str,
-    api_key: str | None,
-    model: str,
-    load: Load,
-    output_len: int,
-    concurrency: int,
-    progress: bool = True,
-) -> tuple[list[RequestResult], float]:
-    """All of the load's requests, at most `concurrency` in flight; returns (results, seconds)."""
-    gate = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    timeout = httpx.Timeout(600.0, connect=30.0)
-    async with httpx.AsyncClient(
-        base_url=url, headers=auth_headers(api_key), limits=limits, timeout=timeout
-    ) as http:
-        with tqdm(
-            total=len(load.prompts), desc=load.label, unit="req", disable=not progress
-        ) as bar:
-
-            async def one(prompt: list[int], loops: int | None) -> RequestResult:
-                async with gate:
-                    result = await stream_request(
-                        http, request_body(model, prompt, output_len, loops)
-                    )
-                bar.update(1)
-                return result
-
-            start = time.perf_counter()
-            results = await asyncio.gather(
-                *(one(p, k) for p, k in zip(load.prompts, load.loops, strict=True))
-            )
-            return list(results), time.perf_counter() - start
-
-
-# ---------------------------------------------------------------- aggregation
-
-
-def latency_metrics(results: list[RequestResult]) -> dict[str, float | None]:
-    """TTFT, TPOT, ITL and end-to-end latency statistics over successful requests."""
-    done = [r for r in results if r.success]
-    metrics: dict[str, float | None] = {}
-    metrics |= report.latency_stats("ttft", [r.ttft for r in done])
-    metrics |= report.latency_stats("tpot", [t for r in done if (t := r.tpot) is not None])
-    metrics |= report.latency_stats("itl", [gap for r in done for gap in r.itl])
-    metrics |= report.latency_stats("e2el", [r.e2el for r in done])
+    vLLM's definitions: TPOT is a request's (latency - TTFT) / (output tokens - 1).
+    """
+    groups: dict[int, list[int]] = {}
+    for i, error in enumerate(result["errors"]):
+        if not error:
+            groups.setdefault(load.loops_of(i), []).append(i)
+    metrics = {}
+    for k, done in groups.items():
+        ttft = [result["ttfts"][i] for i in done]
+        e2el = [result["latencies"][i] for i in done]
+        outputs = [result["output_lens"][i] for i in done]
+        tpot = [(e - t) / (n - 1) for t, e, n in zip(ttft, e2el, outputs, strict=True) if n > 1]
+        itl = [gap for i in done for gap in result["itls"][i]]
+        metrics[str(k)] = {"completed": len(done)}
+        for name, seconds in zip(LATENCIES, (ttft, tpot, itl, e2el), strict=True):
+            metrics[str(k)] |= report.latency_stats(name, seconds, PERCENTILES)
     return metrics
-
-
-def summarize_load(results: list[RequestResult], duration: float) -> dict[str, Any]:
-    """vLLM bench serve's headline metrics for one load that took `duration` seconds."""
-    done = [r for r in results if r.success]
-    total_in = sum(r.prompt_tokens for r in done)
-    total_out = sum(r.output_tokens for r in done)
-    return {
-        "completed": len(done),
-        "failed": len(results) - len(done),
-        "duration": duration,
-        "total_input_tokens": total_in,
-        "total_output_tokens": total_out,
-        "request_throughput": len(done) / duration,
-        "output_throughput": total_out / duration,
-        "total_token_throughput": (total_in + total_out) / duration,
-        **latency_metrics(results),
-    }
-
-
-def by_loops(results: list[RequestResult]) -> dict[str, dict[str, Any]]:
-    """Latency per loop count inside a mixed load: what each k pays when batched with others."""
-    counts = dict.fromkeys(r.loops for r in results)
-    return {
-        str(k): {
-            "completed": sum(r.success for r in results if r.loops == k),
-            **latency_metrics([r for r in results if r.loops == k]),
-        }
-        for k in counts
-    }
 
 
 def ratios(runs: list[dict[str, Any]], baseline: dict[str, Any]) -> list[dict[str, Any]]:
@@ -258,36 +190,50 @@ def ratios(runs: list[dict[str, Any]], baseline: dict[str, Any]) -> list[dict[st
 
 # ---------------------------------------------------------------- driver
 
+# Per-request lists in vLLM's result, left out of serve.json as `vllm bench serve` leaves
+# them out without --save-detailed.
+DETAIL = (
+    "input_lens",
+    "output_lens",
+    "ttfts",
+    "itls",
+    "latencies",
+    "start_times",
+    "queue_times",
+    "generated_texts",
+    "errors",
+)
+
 
 def measure(
-    url: str, api_key: str | None, model: str, load: Load, args: argparse.Namespace
+    url: str,
+    api_key: str | None,
+    model: str,
+    tokenizer: Any,
+    load: Load,
+    args: argparse.Namespace,
+    flops: FlopsModel | None,
 ) -> dict[str, Any]:
-    """Warm up, then run one load; a load in which nothing completed is an error."""
-    warm = warmup_load(load, args.seed)
-    asyncio.run(
-        run_load(
-            url,
-            api_key,
-            model,
-            warm,
-            min(args.output_len, WARMUP_OUTPUT_LEN),
-            args.concurrency,
-            progress=False,
+    """One load through vLLM's benchmark; a load in which nothing completed is an error."""
+    try:
+        result = asyncio.run(
+            run_vllm_benchmark(url, api_key, model, tokenizer, load, args.concurrency)
         )
-    )
-    results, duration = asyncio.run(
-        run_load(url, api_key, model, load, args.output_len, args.concurrency)
-    )
-    failures = [r.error for r in results if not r.success]
+    except ValueError as error:  # vLLM's "Initial test run failed"
+        raise BenchError(f"{load.label}: {error}") from None
+    failures = [error for error in result["errors"] if error]
     if failures:
         print(f"{load.label}: {len(failures)} failed, e.g. {failures[0]}", file=sys.stderr)
-    if len(failures) == len(results):
+    if not result["completed"]:
         raise BenchError(f"{load.label}: every request failed, e.g. {failures[0]}")
-    loops = "mixed" if load.label == "mixed" else load.loops[0]
-    run = {"label": load.label, "loops": loops, **summarize_load(results, duration)}
-    if load.label == "mixed":
-        run["by_loops"] = by_loops(results)
-    return run
+    loops = "mixed" if isinstance(load.loops, list) else load.loops
+    run = {"label": load.label, "loops": loops}
+    if flops is not None:
+        billed = [f for f in request_flops(load, result, flops) if f is not None]
+        run |= {"total_flops": sum(billed), "mean_flops_per_request": sum(billed) / len(billed)}
+    if isinstance(load.loops, list):
+        run["by_loops"] = by_loops(load, result)
+    return run | {key: value for key, value in result.items() if key not in DETAIL}
 
 
 def check_lengths(card: dict[str, Any], args: argparse.Namespace) -> None:
@@ -299,25 +245,33 @@ def check_lengths(card: dict[str, Any], args: argparse.Namespace) -> None:
         )
 
 
-def run_baseline(args: argparse.Namespace, loads: list[Load]) -> dict[str, Any]:
+def run_baseline(args: argparse.Namespace, tokenizer: Any, loads: list[Load]) -> dict[str, Any]:
     """The first fixed load's prompts against the baseline server, with no `loops` field."""
     url = args.baseline_url.rstrip("/")
     card = model_card(url, args.baseline_api_key)
     check_lengths(card, args)
-    load = Load("baseline", loads[0].prompts, [None] * len(loads[0].prompts))
-    run = measure(url, args.baseline_api_key, card["id"], load, args)
-    return run | {"loops": None, "url": url, "model": card["id"]}
+    load = Load("baseline", loads[0].requests, None)
+    run = measure(url, args.baseline_api_key, card["id"], tokenizer, load, args, None)
+    return run | {"url": url, "model": card["id"]}
 
 
-def main(args: argparse.Namespace, url: str, loads: list[Load]) -> int:
-    """Measure `loads` (from `plan_loads`) on `url`, then the baseline; write serve.json."""
+def main(args: argparse.Namespace, url: str) -> int:
+    """Measure every load on `url`, then the baseline; write serve.json."""
+    from vllm.tokenizers import get_tokenizer
+
+    from loopserve.benchmarks.accuracy import flops_model, model_path_of
+
     card = model_card(url, args.api_key)
     check_loops(card, args.loops)
     check_lengths(card, args)
-    runs = [measure(url, args.api_key, card["id"], load, args) for load in loads]
+    path = model_path_of(args.model)
+    flops = flops_model(card, path)
+    tokenizer = get_tokenizer(path)
+    loads = plan_loads(args, tokenizer)
+    runs = [measure(url, args.api_key, card["id"], tokenizer, load, args, flops) for load in loads]
     result: dict[str, Any] = {"config": _config(args, url, card), "runs": runs}
     if args.baseline_url:
-        baseline = run_baseline(args, loads)
+        baseline = run_baseline(args, tokenizer, loads)
         result["ratios"] = ratios(runs, baseline)
         runs.append(baseline)
     out = Path(args.out)
@@ -343,4 +297,5 @@ def _config(args: argparse.Namespace, url: str, card: dict[str, Any]) -> dict[st
         "output_len": args.output_len,
         "seed": args.seed,
         "baseline_url": args.baseline_url,
+        "loop_plan": {k: card[k] for k in ("num_layers", "loop_block", "max_loops")},
     }

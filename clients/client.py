@@ -1,112 +1,117 @@
-"""Typed Python client for loopserve (httpx; sync and async), `loops` first-class.
+"""loopserve's Python client: the `openai` SDK plus what is about looping.
 
-Responses come back as typed models (clients/types.py), so `usage.total_flops` and the
-other loop fields are typed. Retries with exponential backoff on 429/503 and on
-connection errors, which is what a server still loading its model answers.
+It adds three things to `openai.OpenAI` / `openai.AsyncOpenAI` (reachable as `.openai`
+for everything else): `loops` per call (sent in `extra_body`), responses typed with the
+loop fields of `usage` and `/v1/models` (clients/types.py), and waiting for a server
+that is still starting. vLLM refuses connections until its engine is ready, so a refused
+connection is retried until `wait` seconds have passed; an HTTP error, 503 included, is
+the server's answer and is raised at once (the SDK's own retries are off). Errors are
+the SDK's (`openai.APIStatusError` and its subclasses).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import httpx2
+import openai
+from openai.pagination import AsyncPage, SyncPage
 
 from loopserve.clients.types import (
-    ChatCompletionChunk,
-    ChatCompletionResponse,
-    CompletionResponse,
-    ModelList,
+    LoopChatCompletion,
+    LoopChatCompletionChunk,
+    LoopCompletion,
+    LoopModel,
 )
 
-RETRY_STATUS = (429, 503)
+RETRY_INTERVAL = 0.5  # seconds between attempts to reach a server that is starting
 
 
-class LoopserveError(RuntimeError):
-    """The server answered with an error; carries its status and OpenAI error body."""
-
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        self.status = status
-        self.body = body
-        message = (
-            body.get("error", {}).get("message", str(body)) if isinstance(body, dict) else body
-        )
-        super().__init__(f"HTTP {status}: {message}")
+def _refused(error: BaseException | None) -> bool:
+    """Whether a connect error is a refused connection (nothing listens on the port yet)."""
+    while error is not None:
+        if isinstance(error, ConnectionRefusedError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
-def _payload(loops: int | None, stream: bool, fields: dict[str, Any]) -> dict[str, Any]:
-    body = {key: value for key, value in fields.items() if value is not None}
+class _WaitForServer(httpx2.HTTPTransport):
+    """Retries a refused connection until `wait` seconds have passed."""
+
+    def __init__(self, wait: float) -> None:
+        super().__init__()
+        self.wait = wait
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                return super().handle_request(request)
+            except httpx2.ConnectError as error:
+                if not _refused(error) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(RETRY_INTERVAL)
+
+
+class _AsyncWaitForServer(httpx2.AsyncHTTPTransport):
+    """`_WaitForServer` for the asynchronous client."""
+
+    def __init__(self, wait: float) -> None:
+        super().__init__()
+        self.wait = wait
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                return await super().handle_async_request(request)
+            except httpx2.ConnectError as error:
+                if not _refused(error) or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(RETRY_INTERVAL)
+
+
+def _sdk_options(base_url: str, api_key: str | None, timeout: float) -> dict[str, Any]:
+    # The SDK insists on a key; a server started without --api-key ignores it.
+    return {
+        "base_url": f"{base_url.rstrip('/')}/v1",
+        "api_key": api_key or "unused",
+        "timeout": timeout,
+        "max_retries": 0,
+    }
+
+
+def _request(fields: dict[str, Any], loops: int | None, model: str) -> dict[str, Any]:
+    """The SDK call's arguments: `loops` joins `extra_body`, `model` unless one is given."""
+    request = {"model": model, **fields}
     if loops is not None:
-        body["vllm_xargs"] = {**body.get("vllm_xargs", {}), "loops": loops}
-    if stream:
-        body["stream"] = True
-    return body
+        request["extra_body"] = {**request.get("extra_body", {}), "loops": loops}
+    return request
 
 
-def _raise_for(response: httpx.Response) -> None:
-    if response.status_code >= 400:
-        try:
-            body = response.json()
-        except ValueError:
-            body = {"error": {"message": response.text}}
-        raise LoopserveError(response.status_code, body)
+class LoopserveClient:
+    """`with LoopserveClient(url) as client: client.complete(prompt, loops=2)`.
 
-
-DONE: dict[str, Any] = {}
-
-
-def parse_sse_line(line: str) -> dict[str, Any] | None:
-    """One SSE line: an event, None for a non-data line, DONE at the end of the stream.
-
-    An error event (a failure after the response started) raises LoopserveError.
+    `fields` of each call are the SDK's `create` arguments; `model` defaults to the first
+    model the server lists.
     """
-    if not line.startswith("data:"):
-        return None
-    data = line[len("data:") :].strip()
-    if data == "[DONE]":
-        return DONE
-    event = json.loads(data)
-    if "error" in event:
-        raise LoopserveError(500, event)
-    return event
-
-
-def _events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
-    for line in lines:
-        event = parse_sse_line(line)
-        if event is DONE:
-            return
-        if event is not None:
-            yield event
-
-
-def _backoff(attempt: int, base: float) -> float:
-    return base * (2**attempt)
-
-
-class _ClientBase:
-    """Connection settings shared by the sync and async clients."""
-
-    _transport: type = httpx.Client
 
     def __init__(
         self,
         base_url: str = "http://127.0.0.1:8000",
         api_key: str | None = None,
+        *,
+        model: str | None = None,
         timeout: float = 120.0,
-        retries: int = 3,
-        backoff: float = 0.5,
+        wait: float = 0.0,
     ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = self._transport(base_url=base_url, headers=headers, timeout=timeout)
-        self.retries, self.backoff = retries, backoff
-
-
-class LoopserveClient(_ClientBase):
-    """Synchronous client. `with LoopserveClient(url) as client: client.complete(...)`."""
+        http = openai.DefaultHttpxClient(transport=_WaitForServer(wait))
+        self.openai = openai.OpenAI(**_sdk_options(base_url, api_key, timeout), http_client=http)
+        self.model = model
 
     def __enter__(self) -> LoopserveClient:
         return self
@@ -115,64 +120,66 @@ class LoopserveClient(_ClientBase):
         self.close()
 
     def close(self) -> None:
-        self._http.close()
+        self.openai.close()
 
-    def _send(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
-        for attempt in range(self.retries + 1):
-            try:
-                response = self._http.request(method, path, json=body)
-            except httpx.TransportError:
-                if attempt == self.retries:
-                    raise
-            else:
-                if response.status_code not in RETRY_STATUS or attempt == self.retries:
-                    _raise_for(response)
-                    return response
-            time.sleep(_backoff(attempt, self.backoff))
-        raise AssertionError("unreachable")
+    def models(self) -> SyncPage[LoopModel]:
+        return self.openai.models.with_raw_response.list().parse(to=SyncPage[LoopModel])
 
-    def models(self) -> ModelList:
-        return ModelList.model_validate(self._send("GET", "/v1/models").json())
+    def _request(self, fields: dict[str, Any], loops: int | None) -> dict[str, Any]:
+        if self.model is None and "model" not in fields:
+            self.model = self.models().data[0].id
+        return _request(fields, loops, self.model)
 
     def complete(
         self, prompt: str | list[int], *, loops: int | None = None, **fields: Any
-    ) -> CompletionResponse:
-        body = _payload(loops, False, {"prompt": prompt, **fields})
-        return CompletionResponse.model_validate(self._send("POST", "/v1/completions", body).json())
+    ) -> LoopCompletion:
+        raw = self.openai.completions.with_raw_response.create(
+            prompt=prompt, **self._request(fields, loops)
+        )
+        return raw.parse(to=LoopCompletion)
 
     def chat(
         self, messages: list[dict[str, Any]], *, loops: int | None = None, **fields: Any
-    ) -> ChatCompletionResponse:
-        body = _payload(loops, False, {"messages": messages, **fields})
-        response = self._send("POST", "/v1/chat/completions", body)
-        return ChatCompletionResponse.model_validate(response.json())
+    ) -> LoopChatCompletion:
+        raw = self.openai.chat.completions.with_raw_response.create(
+            messages=messages, **self._request(fields, loops)
+        )
+        return raw.parse(to=LoopChatCompletion)
 
     def stream_complete(
         self, prompt: str | list[int], *, loops: int | None = None, **fields: Any
-    ) -> Iterator[CompletionResponse]:
-        body = _payload(loops, True, {"prompt": prompt, **fields})
-        for event in self._stream("/v1/completions", body):
-            yield CompletionResponse.model_validate(event)
+    ) -> openai.Stream[LoopCompletion]:
+        raw = self.openai.completions.with_raw_response.create(
+            prompt=prompt, stream=True, **self._request(fields, loops)
+        )
+        return raw.parse(to=openai.Stream[LoopCompletion])
 
     def stream_chat(
         self, messages: list[dict[str, Any]], *, loops: int | None = None, **fields: Any
-    ) -> Iterator[ChatCompletionChunk]:
-        body = _payload(loops, True, {"messages": messages, **fields})
-        for event in self._stream("/v1/chat/completions", body):
-            yield ChatCompletionChunk.model_validate(event)
-
-    def _stream(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        with self._http.stream("POST", path, json=body) as response:
-            if response.status_code >= 400:
-                response.read()
-                _raise_for(response)
-            yield from _events(response.iter_lines())
+    ) -> openai.Stream[LoopChatCompletionChunk]:
+        raw = self.openai.chat.completions.with_raw_response.create(
+            messages=messages, stream=True, **self._request(fields, loops)
+        )
+        return raw.parse(to=openai.Stream[LoopChatCompletionChunk])
 
 
-class AsyncLoopserveClient(_ClientBase):
-    """Asynchronous twin of `LoopserveClient`."""
+class AsyncLoopserveClient:
+    """The asynchronous twin of `LoopserveClient`."""
 
-    _transport = httpx.AsyncClient
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        *,
+        model: str | None = None,
+        timeout: float = 120.0,
+        wait: float = 0.0,
+    ) -> None:
+        http = openai.DefaultAsyncHttpxClient(transport=_AsyncWaitForServer(wait))
+        self.openai = openai.AsyncOpenAI(
+            **_sdk_options(base_url, api_key, timeout), http_client=http
+        )
+        self.model = model
 
     async def __aenter__(self) -> AsyncLoopserveClient:
         return self
@@ -181,61 +188,49 @@ class AsyncLoopserveClient(_ClientBase):
         await self.close()
 
     async def close(self) -> None:
-        await self._http.aclose()
+        await self.openai.close()
 
-    async def _send(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
-        for attempt in range(self.retries + 1):
-            try:
-                response = await self._http.request(method, path, json=body)
-            except httpx.TransportError:
-                if attempt == self.retries:
-                    raise
-            else:
-                if response.status_code not in RETRY_STATUS or attempt == self.retries:
-                    _raise_for(response)
-                    return response
-            await asyncio.sleep(_backoff(attempt, self.backoff))
-        raise AssertionError("unreachable")
+    async def models(self) -> AsyncPage[LoopModel]:
+        raw = await self.openai.models.with_raw_response.list()
+        return raw.parse(to=AsyncPage[LoopModel])
 
-    async def models(self) -> ModelList:
-        return ModelList.model_validate((await self._send("GET", "/v1/models")).json())
+    async def _request(self, fields: dict[str, Any], loops: int | None) -> dict[str, Any]:
+        if self.model is None and "model" not in fields:
+            self.model = (await self.models()).data[0].id
+        return _request(fields, loops, self.model)
 
     async def complete(
         self, prompt: str | list[int], *, loops: int | None = None, **fields: Any
-    ) -> CompletionResponse:
-        body = _payload(loops, False, {"prompt": prompt, **fields})
-        response = await self._send("POST", "/v1/completions", body)
-        return CompletionResponse.model_validate(response.json())
+    ) -> LoopCompletion:
+        raw = await self.openai.completions.with_raw_response.create(
+            prompt=prompt, **await self._request(fields, loops)
+        )
+        return raw.parse(to=LoopCompletion)
 
     async def chat(
         self, messages: list[dict[str, Any]], *, loops: int | None = None, **fields: Any
-    ) -> ChatCompletionResponse:
-        body = _payload(loops, False, {"messages": messages, **fields})
-        response = await self._send("POST", "/v1/chat/completions", body)
-        return ChatCompletionResponse.model_validate(response.json())
+    ) -> LoopChatCompletion:
+        raw = await self.openai.chat.completions.with_raw_response.create(
+            messages=messages, **await self._request(fields, loops)
+        )
+        return raw.parse(to=LoopChatCompletion)
 
     async def stream_complete(
         self, prompt: str | list[int], *, loops: int | None = None, **fields: Any
-    ) -> AsyncIterator[CompletionResponse]:
-        body = _payload(loops, True, {"prompt": prompt, **fields})
-        async for event in self._stream("/v1/completions", body):
-            yield CompletionResponse.model_validate(event)
+    ) -> AsyncIterator[LoopCompletion]:
+        raw = await self.openai.completions.with_raw_response.create(
+            prompt=prompt, stream=True, **await self._request(fields, loops)
+        )
+        async with raw.parse(to=openai.AsyncStream[LoopCompletion]) as stream:
+            async for chunk in stream:
+                yield chunk
 
     async def stream_chat(
         self, messages: list[dict[str, Any]], *, loops: int | None = None, **fields: Any
-    ) -> AsyncIterator[ChatCompletionChunk]:
-        body = _payload(loops, True, {"messages": messages, **fields})
-        async for event in self._stream("/v1/chat/completions", body):
-            yield ChatCompletionChunk.model_validate(event)
-
-    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async with self._http.stream("POST", path, json=body) as response:
-            if response.status_code >= 400:
-                await response.aread()
-                _raise_for(response)
-            async for line in response.aiter_lines():
-                event = parse_sse_line(line)
-                if event is DONE:
-                    return
-                if event is not None:
-                    yield event
+    ) -> AsyncIterator[LoopChatCompletionChunk]:
+        raw = await self.openai.chat.completions.with_raw_response.create(
+            messages=messages, stream=True, **await self._request(fields, loops)
+        )
+        async with raw.parse(to=openai.AsyncStream[LoopChatCompletionChunk]) as stream:
+            async for chunk in stream:
+                yield chunk

@@ -1,94 +1,41 @@
-"""Typed views of the server's responses, for the client: OpenAI shapes plus loop fields.
+"""The loop fields loopserve adds to OpenAI's responses, typed on the `openai` SDK's models.
 
-Lenient on purpose (unknown fields kept, most fields optional): the server is vLLM's
-OpenAI server, which adds fields of its own; the client types what loopserve adds
-(`usage.loops`, the FLOPs, the loop plan in /v1/models) and what callers read.
+Each type is the SDK's own with only loopserve's fields added, so everything else
+(choices, deltas, logprobs, fields vLLM adds) stays the SDK's.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import BaseModel, ConfigDict
-
-
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
+from openai.types import Completion, CompletionUsage, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 
-class Usage(_Lenient):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
+class LoopUsage(CompletionUsage):
+    """`usage` of a loopserve response: the depth it ran at and the forward FLOPs it cost."""
+
     loops: int
     prompt_flops: int
     completion_flops: int
     total_flops: int
 
 
-class CompletionChoice(_Lenient):
-    index: int
-    text: str
-    logprobs: Any = None
-    finish_reason: str | None = None
+class LoopCompletion(Completion):
+    usage: LoopUsage | None = None
 
 
-class CompletionResponse(_Lenient):
-    id: str
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
+class LoopChatCompletion(ChatCompletion):
+    usage: LoopUsage | None = None
 
 
-class AssistantMessage(_Lenient):
-    role: str = "assistant"
-    content: str | None = None
+class LoopChatCompletionChunk(ChatCompletionChunk):
+    usage: LoopUsage | None = None
 
 
-class ChatChoice(_Lenient):
-    index: int
-    message: AssistantMessage
-    logprobs: Any = None
-    finish_reason: str | None = None
+class LoopModel(Model):
+    """An entry of /v1/models with the server's loop plan."""
 
-
-class ChatCompletionResponse(_Lenient):
-    id: str
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage | None = None
-
-
-class ChatDelta(_Lenient):
-    role: str | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(_Lenient):
-    index: int
-    delta: ChatDelta
-    logprobs: Any = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(_Lenient):
-    id: str
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-
-
-class ModelCard(_Lenient):
-    id: str
     max_model_len: int | None = None
     num_layers: int
     loop_block: tuple[int, int]
     max_loops: int
     default_loops: int
-
-
-class ModelList(_Lenient):
-    data: list[ModelCard]

@@ -10,12 +10,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import httpx
 import pytest
 
 from loopserve.benchmarks import report
-from loopserve.benchmarks.serve import RequestResult, make_prompts, ratios, summarize_load
 from loopserve.server.cli import main
 
 pytestmark = pytest.mark.slow
@@ -46,37 +46,66 @@ METRICS = [
 # ---------------------------------------------------------------- pure parts
 
 
-def test_percentiles_interpolate_like_numpy():
-    assert report.percentile([1.0, 2.0, 3.0, 4.0], 90) == pytest.approx(3.7)
-    assert report.percentile([5.0], 99) == 5.0
-    stats = report.latency_stats("ttft", [0.003, 0.001, 0.002])
-    assert stats["mean_ttft_ms"] == pytest.approx(2.0)
-    assert stats["median_ttft_ms"] == pytest.approx(2.0)
-    assert stats["p99_ttft_ms"] == pytest.approx(2.98)
+def test_latency_stats_match_numbers_worked_by_hand():
+    stats = report.latency_stats("ttft", [0.003, 0.001, 0.002, 0.004])
+    assert stats["mean_ttft_ms"] == pytest.approx(2.5)
+    assert stats["std_ttft_ms"] == pytest.approx(math.sqrt(1.25))  # population std
+    assert stats["median_ttft_ms"] == pytest.approx(2.5)
+    assert stats["p90_ttft_ms"] == pytest.approx(3.7)  # rank 0.9 * 3 = 2.7: 3 + 0.7 * (4 - 3)
+    assert stats["p99_ttft_ms"] == pytest.approx(3.97)
     assert set(report.latency_stats("itl", []).values()) == {None}
 
 
-def test_summarize_load_uses_vllm_definitions():
-    fast = RequestResult(
-        loops=1, success=True, prompt_tokens=16, output_tokens=5, ttft=0.1, e2el=0.5, itl=[0.1] * 4
-    )
-    failed = RequestResult(loops=2, error="HTTP 500")
-    metrics = summarize_load([fast, failed], duration=2.0)
-    assert (metrics["completed"], metrics["failed"]) == (1, 1)
-    assert metrics["request_throughput"] == pytest.approx(0.5)
-    assert metrics["output_throughput"] == pytest.approx(2.5)
-    assert metrics["total_token_throughput"] == pytest.approx(10.5)
-    assert metrics["median_tpot_ms"] == pytest.approx(100.0)  # (0.5 - 0.1) / (5 - 1)
-    assert metrics["p99_itl_ms"] == pytest.approx(100.0)
-    run = {"label": "loops=1", **metrics}
-    assert ratios([run], {**metrics, "median_ttft_ms": None})[0]["median_ttft_ms"] is None
+def vllm_result(loops: list[int]) -> dict:
+    """What vLLM's `benchmark` returns per request, for requests at `loops` (one failed)."""
+    n = len(loops)
+    return {
+        "errors": ["", "", "", "HTTP 500"][:n],
+        "input_lens": [16] * n,
+        "output_lens": [5, 5, 2, 0][:n],
+        "ttfts": [0.1, 0.2, 0.3, 0.0][:n],
+        "latencies": [0.5, 1.0, 0.4, 0.0][:n],
+        "itls": [[0.1] * 4, [0.2] * 4, [0.1], []][:n],
+    }
 
 
-def test_prompts_are_exact_length_and_reproducible():
-    prompts = make_prompts(3, 16, seed=0, tag="main")
-    assert [len(p) for p in prompts] == [16, 16, 16]
-    assert prompts == make_prompts(3, 16, seed=0, tag="main")
-    assert prompts != make_prompts(3, 16, seed=1, tag="main")
+def test_a_mixed_load_reports_each_loop_count_and_its_flops():
+    from loopserve.benchmarks.serve import Load, by_loops, request_flops
+    from loopserve.server.flops import FlopsModel, ModelShape
+    from loopserve.server.loop_plan import LoopPlan
+
+    loops = [1, 2, 1, 2]
+    load = Load("mixed", [], loops)
+    result = vllm_result(loops)
+    metrics = by_loops(load, result)
+    assert {k: m["completed"] for k, m in metrics.items()} == {"1": 2, "2": 1}
+    assert metrics["2"]["median_tpot_ms"] == pytest.approx(200.0)  # (1.0 - 0.2) / (5 - 1)
+    assert metrics["1"]["median_tpot_ms"] == pytest.approx(100.0)  # (0.4 - 0.3) / 1 and 0.1
+    assert metrics["1"]["median_ttft_ms"] == pytest.approx(200.0)  # 0.1 and 0.3
+    shape = ModelShape(64, 2, 2, 32, 128, 1000)
+    flops = FlopsModel(shape, LoopPlan.for_model(8))
+    billed = request_flops(load, result, flops)
+    assert billed[3] is None  # the failed request
+    assert billed[:3] == [sum(flops.request(k, 16, n)) for k, n in ((1, 5), (2, 5), (1, 2))]
+    assert billed[1] > billed[0]
+
+
+def test_loads_share_prompts_and_the_mixed_load_cycles_its_loop_counts(tokenizer):
+    from argparse import Namespace
+
+    from loopserve.benchmarks.serve import plan_loads
+
+    args = Namespace(num_prompts=5, input_len=16, output_len=4, seed=0, loops=[1, 3], mixed=True)
+    loads = plan_loads(args, tokenizer)
+    assert [(load.label, load.loops) for load in loads] == [
+        ("loops=1", 1),
+        ("loops=3", 3),
+        ("mixed", [1, 3, 1, 3, 1]),
+    ]
+    assert loads[0].requests == loads[1].requests
+    assert {r.prompt_len for r in loads[0].requests} == {16}
+    fixed = {r.prompt for r in loads[0].requests}
+    assert not fixed & {r.prompt for r in loads[2].requests}  # no KV from the fixed loads
 
 
 @pytest.mark.parametrize(
@@ -116,7 +145,10 @@ def server(tmp_path_factory):
     from loopserve.server.launcher import start_server
 
     log = tmp_path_factory.mktemp("bench-server") / "server.log"
-    proc = start_server(["--max-model-len", "2048", "--api-key", API_KEY], str(log))
+    # Default depth 3, which no bench load here asks for: a request sent without `loops`
+    # (the baseline's) shows up in the server's metrics as loops="3".
+    options = ["--max-model-len", "2048", "--api-key", API_KEY, "--default-loops", "3"]
+    proc = start_server(options, str(log))
     yield proc
     proc.stop()
 
@@ -125,7 +157,7 @@ def test_billed_flops_equal_torchs_count_on_the_reference_at_1024_tokens(server,
     """At 1041 tokens attention is ~12% of the FLOPs (2% at 64), so a wrong attention term fails."""
     from loopserve.benchmarks.accuracy import flops_model
     from loopserve.benchmarks.cli import model_card
-    from loopserve.benchmarks.flops_check import counted_request_flops
+    from loopserve.benchmarks.flops_check import checkpoint_config, counted_flops
 
     plan = flops_model(model_card(server.url, API_KEY), model_path).plan
     body = {"prompt": "a b " * 520, "max_tokens": 3, "temperature": 0.0, "loops": 3}
@@ -134,7 +166,7 @@ def test_billed_flops_equal_torchs_count_on_the_reference_at_1024_tokens(server,
     usage = response.json()["usage"]
     tokens = usage["prompt_tokens"] + usage["completion_tokens"]
     assert tokens >= 1024
-    assert usage["total_flops"] == counted_request_flops(model_path, plan, 3, tokens)
+    assert usage["total_flops"] == counted_flops(checkpoint_config(model_path), plan, 3, tokens)
 
 
 def read_rows(out) -> list[dict]:
@@ -376,34 +408,27 @@ def test_a_missing_api_key_is_a_clear_error(server, tmp_path, capsys):
     assert "HTTP 401" in capsys.readouterr().err
 
 
-def test_bench_serve_end_to_end_with_a_baseline(server, tmp_path):
-    # The same server stands in for the baseline: it must be sent no `loops` at all.
-    argv = [
-        "bench",
-        "serve",
-        "--url",
-        server.url,
-        "--api-key",
-        API_KEY,
-        "--num-prompts",
-        "6",
-        "--input-len",
-        "16",
-        "--output-len",
-        "8",
-        "--loops",
-        "1,2",
-        "--mixed",
-        "--concurrency",
-        "3",
-        "--baseline-url",
-        server.url,
-        "--baseline-api-key",
-        API_KEY,
-        "--out",
-        str(tmp_path),
-    ]
-    assert main(argv) == 0
+def requests_at(url: str, loops: int) -> float:
+    """The server's count of engine requests run at `loops` (its /metrics)."""
+    pattern = rf'^loopserve_requests_total{{loops="{loops}"}} (\S+)$'
+    match = re.search(pattern, httpx.get(f"{url}/metrics").text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_bench_serve_end_to_end_with_a_baseline(server, model_path, tmp_path):
+    """The same server stands in for the baseline; it must be sent no `loops` at all, so
+    every baseline request runs at the server's default depth (3), which no load asks for."""
+    from loopserve.benchmarks.accuracy import flops_model
+    from loopserve.benchmarks.cli import model_card
+    from loopserve.benchmarks.serve import WARMUPS
+
+    argv = ["bench", "serve", "--url", server.url, "--api-key", API_KEY, "--num-prompts", "6"]
+    argv += ["--input-len", "16", "--output-len", "8", "--loops", "1,2", "--mixed"]
+    argv += ["--concurrency", "3", "--baseline-url", server.url, "--baseline-api-key", API_KEY]
+    at_default = requests_at(server.url, 3)
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    # The baseline's ready check, warm-ups and 6 requests, and nothing else, ran at k=3.
+    assert requests_at(server.url, 3) - at_default == 1 + WARMUPS + 6
 
     result = json.loads((tmp_path / "serve.json").read_text())
     runs = {run["label"]: run for run in result["runs"]}
@@ -417,6 +442,12 @@ def test_bench_serve_end_to_end_with_a_baseline(server, tmp_path):
         for key in METRICS:
             assert isinstance(run[key], float) and math.isfinite(run[key]) and run[key] > 0
         assert run["p99_ttft_ms"] >= run["median_ttft_ms"]
+    flops = flops_model(model_card(server.url, API_KEY), model_path)
+    for k in (1, 2):
+        assert runs[f"loops={k}"]["mean_flops_per_request"] == sum(flops.request(k, 16, 8))
+    mixed = sum(sum(flops.request(k, 16, 8)) for k in (1, 2, 1, 2, 1, 2))
+    assert runs["mixed"]["total_flops"] == mixed
+    assert "total_flops" not in runs["baseline"]
     assert {k: v["completed"] for k, v in runs["mixed"]["by_loops"].items()} == {"1": 3, "2": 3}
     assert [r["label"] for r in result["ratios"]] == ["loops=1", "loops=2", "mixed"]
     assert all(r["output_throughput"] > 0 for r in result["ratios"])

@@ -184,19 +184,6 @@ def test_steps_run_compiled(looped):
     assert looped.segment_graphs_at_start == graphs_before == graphs_after == 6
 
 
-def _dummy_runs(worker) -> list[int]:
-    """vLLM's warm-up/profiling dummy runs at several sizes, as vLLM pads them."""
-    sizes = [1, 3, 17, 64]
-    for size in sizes:
-        worker.model_runner._dummy_run(size)
-    return sizes
-
-
-def test_dummy_runs_take_the_k1_path(looped):
-    """Dummy runs of any (padded) size run; they used to raise on a padded count."""
-    assert looped.collective_rpc(_dummy_runs) == [[1, 3, 17, 64]]
-
-
 @pytest.mark.parametrize("bad", [99, 0, "2", 2.5, [3], True])
 def test_bad_loops_through_vllm_fail_that_request_alone(looped, bad):
     """extra_args reaching vLLM directly (offline LLM) are checked when vLLM admits them."""
@@ -271,3 +258,30 @@ def test_triton_loop_step_in_the_engine(triton_interpreted, reference):
     # (which guards the counts in test_steps_run_compiled).
     assert triton_interpreted.apply_model(segment_graphs) == [0]
     assert prelude_calls > 0
+
+
+def _block_mlp_calls_per_dummy_run(worker) -> list[int]:
+    """Calls of the loop block's first MLP in each of vLLM's dummy runs, at several sizes
+    (vLLM pads them to sizes of its own). Runs in the worker of an eager engine, where
+    every layer is a Python call: a k=1 forward runs the block once, a looped one k times.
+    """
+    model = worker.model_runner.get_model()
+    mlp = model.model.layers[model.loop_plan.start].mlp
+    calls: list[int] = []
+
+    def count(module, args) -> None:
+        calls[-1] += 1
+
+    hook = mlp.register_forward_pre_hook(count)
+    try:
+        for size in (1, 3, 17, 64):
+            calls.append(0)
+            worker.model_runner._dummy_run(size)
+    finally:
+        hook.remove()
+    return calls
+
+
+def test_dummy_runs_take_the_k1_path(triton_interpreted):
+    """Dummy runs of any (padded) size run, each at k=1 (the block once, no hand-over)."""
+    assert triton_interpreted.collective_rpc(_block_mlp_calls_per_dummy_run) == [[1, 1, 1, 1]]

@@ -1,13 +1,14 @@
-"""The one FLOPs model against torch's FLOP counter on the unrolled reference model."""
+"""The one FLOPs model against numbers worked by hand and torch's FLOP counter.
+
+The counter runs on meta tensors (benchmarks/flops_check.py), so every test here is fast.
+"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
-from tiny_models import BLOCK, FAMILIES, NUM_LAYERS
+from tiny_models import BLOCK, COMMON, FAMILIES, NUM_LAYERS
 
+from loopserve.benchmarks.flops_check import checkpoint_config, counted_flops
 from loopserve.server.flops import FlopsModel, ModelShape
 from loopserve.server.loop_plan import LoopPlan
 
@@ -28,13 +29,25 @@ SMOLLM_360M = {
     "vocab_size": 49152,
     "num_hidden_layers": 32,
 }
+# SmolLM-360M by hand (head_dim 64, kv width 5 * 64 = 320, block = layers 14..17):
+#   N_layer   = 960 * (960 + 2 * 320) + 960 * 960 + 3 * 960 * 2560 = 9_830_400
+#   N_lm_head = 960 * 49152 = 47_185_920
+#   fixed(k=1) = 2 * (47_185_920 + 32 * 9_830_400) = 723_517_440
+#   fixed(k=2) = 2 * (47_185_920 + 36 * 9_830_400) = 802_160_640
+#   per key and executed layer = 4 * 15 * 64 = 3840
+FIXED_K1, FIXED_K2, PER_KEY = 723_517_440, 802_160_640, 3840
+
+
+def smollm_360m(**overrides) -> FlopsModel:
+    config = {**SMOLLM_360M, **overrides}
+    return FlopsModel(ModelShape.from_hf_config(config), LoopPlan.for_model(32))
 
 
 @pytest.mark.parametrize(
     ("config", "gflops", "extra_mflops"),
     [(SMOLLM_1_7B, 3.42, 537), (SMOLLM_360M, 0.72, 78.7)],
 )
-def test_worked_numbers(config, gflops, extra_mflops):
+def test_worked_numbers_at_short_context(config, gflops, extra_mflops):
     flops = FlopsModel(
         ModelShape.from_hf_config(config), LoopPlan.for_model(config["num_hidden_layers"])
     )
@@ -44,71 +57,50 @@ def test_worked_numbers(config, gflops, extra_mflops):
     )
 
 
-def test_span_is_the_sum_of_per_token():
-    flops = FlopsModel(ModelShape.from_hf_config(SMOLLM_360M), LoopPlan.for_model(32))
-    for loops in (1, 3):
-        assert flops.span(loops, 5, 17) == sum(flops.per_token(loops, t + 1) for t in range(5, 17))
-    assert flops.request(2, 10, 4) == (flops.span(2, 0, 10), flops.span(2, 10, 14))
+def test_attention_grows_with_the_context_by_hand():
+    # The token at position 1023 attends to 1024 keys in each of the 32 layers.
+    assert smollm_360m().per_token(1, 1024) == FIXED_K1 + 32 * PER_KEY * 1024 == 849_346_560
 
 
-def counted_by_torch(reference, tokens: list[int], loops: int) -> int:
-    """FLOPs torch's counter sees in one forward of the unrolled reference."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    # Eager attention: its matmuls are visible to the counter (the CPU SDPA kernel is not).
-    reference.model.set_attn_implementation("eager")
-    try:
-        with FlopCounterMode(display=False) as counter:
-            reference.logits(tokens, loops)
-    finally:
-        reference.model.set_attn_implementation("sdpa")
-    return counter.get_total_flops()
-
-
-def masked_keys(reference, n: int, loops: int) -> int:
-    """Score entries eager attention computes and then masks, over the executed layers.
-
-    Counted by brute force from the HF layers' own windows (independent of the FLOPs
-    model): causal masking, plus the keys that fall out of a sliding layer's window.
-    """
-    total = 0
-    for layer in reference.plan.executed_layers(loops):
-        window = getattr(reference.model.model.layers[layer].self_attn, "sliding_window", None)
-        kept = sum(min(t + 1, window) if window else t + 1 for t in range(n))
-        total += n * n - kept
-    return total
-
-
-def check_against_counter(reference, config: dict, loops: int, n: int = 1024) -> None:
-    flops = FlopsModel(ModelShape.from_hf_config(config), reference.plan)
-    counted = counted_by_torch(reference, [100 + i % 1000 for i in range(n)], loops)
-    # Eager attention computes the full n x n score square per layer and masks it; our
-    # model counts only the keys each token attends to. Same matmuls otherwise.
-    per_key = (
-        4
-        * config["num_attention_heads"]
-        * (config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+def test_a_request_by_hand():
+    # loops=2 executes 36 layers. Prompt: positions 0..9 attend to 1 + ... + 10 = 55 keys;
+    # completion: positions 10..13 attend to 11 + 12 + 13 + 14 = 50 keys.
+    assert smollm_360m().request(2, 10, 4) == (
+        10 * FIXED_K2 + 36 * PER_KEY * 55,
+        4 * FIXED_K2 + 36 * PER_KEY * 50,
     )
-    square = flops.span(loops, 0, n) + per_key * masked_keys(reference, n, loops)
-    assert counted == pytest.approx(square, rel=0.02)
-    # At this length the attention term is well over the 2% tolerance: dropping it fails.
-    attention = per_key * flops.attended_keys(loops, 0, n)
-    assert attention > 0.04 * square
+
+
+def test_a_sliding_window_caps_the_keys_by_hand():
+    # Mistral-style: every layer slides with a 512-key window.
+    flops = smollm_360m(sliding_window=512)
+    assert flops.per_token(1, 1024) == FIXED_K1 + 32 * PER_KEY * 512
+    # Positions 510..513 attend to 511, 512, 512 and 512 keys.
+    assert flops.span(1, 510, 514) == 4 * FIXED_K1 + 32 * PER_KEY * 2047
+
+
+def check_against_counter(config, plan: LoopPlan, loops: int, tokens: int) -> None:
+    flops = FlopsModel(ModelShape.from_hf_config(config.to_dict()), plan)
+    assert flops.span(loops, 0, tokens) == counted_flops(config, plan, loops, tokens)
 
 
 @pytest.mark.parametrize("loops", [1, 4])
-def test_matches_torch_flop_counter_on_reference(reference, model_path, loops):
-    config = json.loads((Path(model_path) / "config.json").read_text())
-    check_against_counter(reference, config, loops)
+def test_matches_torch_flop_counter_on_the_default_model(model_path, loops):
+    """1041 tokens: attention is ~12% of the FLOPs there, so a wrong attention term fails."""
+    check_against_counter(checkpoint_config(model_path), LoopPlan.for_model(30), loops, 1041)
 
 
-@pytest.mark.parametrize("architecture", list(FAMILIES))
-def test_matches_torch_flop_counter_per_family(tiny_checkpoint, architecture):
-    from loopserve.server.loop_plan import LoopPlan
-    from loopserve.server.reference import UnrolledReference
+WINDOWED_MISTRAL = ("mistral", {"sliding_window": 24})
 
-    path = tiny_checkpoint(architecture)
-    config = json.loads((Path(path) / "config.json").read_text())
-    reference = UnrolledReference(path, LoopPlan.for_model(NUM_LAYERS, BLOCK, 3))
+
+@pytest.mark.parametrize(
+    "family", [*FAMILIES.values(), WINDOWED_MISTRAL], ids=[*FAMILIES, "MistralWindowed"]
+)
+def test_matches_torch_flop_counter_per_family(family):
+    """100 tokens cross the 24-key windows of Gemma's sliding layers and windowed Mistral."""
+    from transformers import AutoConfig
+
+    model_type, extra = family
+    config = AutoConfig.for_model(model_type, vocab_size=49152, **{**COMMON, **extra})
     for loops in (1, 3):
-        check_against_counter(reference, config, loops)
+        check_against_counter(config, LoopPlan.for_model(NUM_LAYERS, BLOCK, 3), loops, 100)

@@ -45,9 +45,21 @@ def tp2(request, tiny_checkpoint):
     stop_llm(llm)
 
 
+def _tensor_parallel_rank(worker) -> tuple[int, int, int]:
+    """(TP rank, TP world size, process id) as the worker itself sees them."""
+    from vllm.distributed import (
+        get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size,
+    )
+
+    return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size(), os.getpid()
+
+
 def test_tp2_is_really_two_ranks(tp2):
     llm, _ = tp2
-    assert llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size == 2
+    ranks = llm.collective_rpc(_tensor_parallel_rank)
+    assert sorted((rank, size) for rank, size, _ in ranks) == [(0, 2), (1, 2)]
+    assert len({pid for *_, pid in ranks}) == 2  # two worker processes
 
 
 def test_tp2_mixed_batch_equals_oracle(tp2):
