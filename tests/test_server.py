@@ -629,7 +629,9 @@ def test_clients_that_hang_up_are_aborted(url, http):
 
 
 def test_python_client_sync_and_async(url):
-    from loopserve.clients.client import AsyncLoopserveClient, LoopserveClient, LoopserveError
+    import openai
+
+    from loopserve.clients.client import AsyncLoopserveClient, LoopserveClient
 
     prompt = "The capital of France is"
     messages = [{"role": "user", "content": "Hi"}]
@@ -645,9 +647,9 @@ def test_python_client_sync_and_async(url):
         assert streamed == result.choices[0].text
         chat = client.chat(messages, loops=3, max_tokens=4, temperature=0)
         assert chat.usage.loops == 3
-        with pytest.raises(LoopserveError) as error:
+        with pytest.raises(openai.BadRequestError) as error:
             client.complete("x", loops=99)
-        assert error.value.status == 400
+        assert error.value.status_code == 400
 
     async def run_async() -> tuple[str, str]:
         async with AsyncLoopserveClient(url, api_key=API_KEY) as client:
@@ -669,7 +671,9 @@ def test_python_client_sync_and_async(url):
 CLI = (sys.executable, "-m", "loopserve.server.cli")
 
 
-def loopserve_cli(url: str, command: str, *args: str, stdin: str | None = None) -> str:
+def loopserve_cli(
+    url: str, command: str, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*CLI, command, "--url", url, "--loops", "2", "--api-key", API_KEY, *args],
         input=stdin,
@@ -677,16 +681,20 @@ def loopserve_cli(url: str, command: str, *args: str, stdin: str | None = None) 
         text=True,
         timeout=120,
         check=True,
-    ).stdout
+    )
 
 
 def test_cli_complete(url):
-    out = loopserve_cli(url, "complete", "--max-tokens", "6", "The capital of France is")
-    assert "Paris" in out
+    """`--loops 2` reaches the server: the usage line on stderr reports the depth run."""
+    result = loopserve_cli(url, "complete", "--max-tokens", "6", "The capital of France is")
+    assert "Paris" in result.stdout
+    assert "[loops=2, " in result.stderr
 
 
 def test_cli_chat_reads_stdin(url):
-    assert loopserve_cli(url, "chat", "--max-tokens", "8", stdin="The capital of France?\n").strip()
+    result = loopserve_cli(url, "chat", "--max-tokens", "8", stdin="The capital of France?\n")
+    assert result.stdout.strip()
+    assert "[loops=2, " in result.stderr
 
 
 # ----- last: shutdown -------------------------------------------------------------------
