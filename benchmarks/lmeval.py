@@ -1,9 +1,9 @@
 """`loopserve bench lm-eval`: lm-evaluation-harness tasks at each loop count, with FLOPs.
 
-lm-eval's `local-completions` model sends no generation kwargs with loglikelihood requests,
-so a per-request `loops` would never reach multiple-choice tasks. Each k therefore gets its
-own server started with `--default-loops k`: every request, of every kind, runs at k. The
-per-document results (`--log_samples`) give the paired tests and the mean context length
+One server for every k: lm-eval runs once per k with the `loopserve-completions` model
+(`lmeval_model.py`), which puts `loops` in every request, loglikelihood ones included
+(lm-eval's own `local-completions` sends generation kwargs only with generate requests).
+The per-document results (`--log_samples`) give the paired tests and the mean context length
 at which FLOPs/token are reported, so the output has the same files and columns as
 `bench accuracy` (and `bench compare` reads it).
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from loopserve.benchmarks import accuracy, report
 from loopserve.benchmarks.accuracy import Measurement, Outcome
-from loopserve.benchmarks.cli import BenchError, model_card, serve_args, started_server
+from loopserve.benchmarks.cli import BenchError, check_loops, model_card
 from loopserve.benchmarks.tasks import Example
 
 # Per-document metrics read as "correct", in order of preference.
@@ -48,18 +48,20 @@ def run_lm_eval(
     url: str,
     model_id: str,
     model_path: str,
+    loops: int,
     tasks: list[str],
     include: str | None,
     args: argparse.Namespace,
     out: Path,
 ) -> None:
-    """`python -m lm_eval` against `url`; a failure stops the run with lm-eval's own error."""
+    """lm-eval's CLI against `url` at `loops`; a failure stops the run with lm-eval's error."""
     command = [
-        sys.executable, "-m", "lm_eval",
-        "--model", "local-completions",
+        sys.executable, "-m", "loopserve.benchmarks.lmeval_model",
+        "--model", "loopserve-completions",
         "--model_args",
         f"model={model_id},base_url={url}/v1/completions,tokenizer_backend=huggingface,"
-        f"tokenizer={model_path},num_concurrent={args.num_concurrent},max_retries=1",
+        f"tokenizer={model_path},num_concurrent={args.num_concurrent},max_retries=1,"
+        f"loops={loops}",
         "--tasks", ",".join(tasks),
         "--output_path", str(out),
         "--log_samples",
@@ -70,7 +72,7 @@ def run_lm_eval(
     if args.limit:
         command += ["--limit", str(args.limit)]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    env.setdefault("OPENAI_API_KEY", "unused")
+    env["OPENAI_API_KEY"] = args.api_key or env.get("OPENAI_API_KEY", "unused")
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     (out / "lm_eval.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
@@ -110,24 +112,21 @@ def read_outcomes(out: Path, loops: int, tokenizer) -> tuple[list[Outcome], list
     return outcomes, examples
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, url: str, tasks: list[str], include: str | None) -> int:
     from transformers import AutoTokenizer
 
-    tasks, include = task_spec(args.tasks)
     path = accuracy.model_path_of(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    card = model_card(url, args.api_key)
+    check_loops(card, args.loops)
+    flops = accuracy.flops_model(card, path)
     out = Path(args.out)
     outcomes: list[Outcome] = []
     examples: list[Example] = []
     for k in args.loops:
         folder = out / "lm_eval" / f"loops_{k}"
         folder.mkdir(parents=True, exist_ok=True)
-        options = serve_args(args, loop_block=args.loop_block, max_loops=max(args.loops))
-        options += ["--default-loops", str(k)]
-        with started_server(options, folder / "server.log") as url:
-            card = model_card(url, None)
-            flops = accuracy.flops_model(card, path)
-            run_lm_eval(url, card["id"], path, tasks, include, args, folder)
+        run_lm_eval(url, card["id"], path, k, tasks, include, args, folder)
         got, seen = read_outcomes(folder, k, tokenizer)
         outcomes += got
         examples = examples or seen  # the same documents at every k

@@ -71,11 +71,9 @@ def _instrument(model: Any) -> None:
     from vllm.model_executor.layers.attention import Attention
 
     from loopserve.server import loop_passes
-    from loopserve.server.loop_segments import CompiledSegment, Segment
 
     timers = model.loopserve_timers = _Timers()
-    if model._block is None:
-        model._build_looped_layers()
+    decoder = model.looped_decoder()
     forward = timers.wrap("rest of the forward", model.forward)
 
     def counted_forward(*args: Any, **kwargs: Any) -> Any:
@@ -83,16 +81,17 @@ def _instrument(model: Any) -> None:
         return forward(*args, **kwargs)
 
     model.forward = counted_forward
-    layers = model._looped_layers
+    block = decoder.block
+    layers = decoder.view.layers
     for i, layer in enumerate(layers):
-        if isinstance(layer, CompiledSegment | Segment):
+        if layer in decoder.segments:
             layers[i] = timers.wrap("prelude + coda segments", layer)
-    passes = model._block.passes
-    passes[:] = [timers.wrap("block pass segments", segment) for segment in passes]
-    loop_passes._plane_attention = timers.wrap(
-        "pass attention scatter/gather", loop_passes._plane_attention
+    block.first_pass = timers.wrap("block pass segments", block.first_pass)
+    block.later_pass = timers.wrap("block pass segments", block.later_pass)
+    loop_passes._subset_attention = timers.wrap(
+        "pass attention scatter/gather", loop_passes._subset_attention
     )
-    loop_passes.loop_step = timers.wrap("loop step", loop_passes.loop_step)
+    loop_passes.loop_step_triton = timers.wrap("loop step", loop_passes.loop_step_triton)
     impls = {id(m.impl): m.impl for m in model.modules() if isinstance(m, Attention)}
     for impl in impls.values():
         impl.forward = timers.wrap("attention kernel", impl.forward)

@@ -1,5 +1,5 @@
-"""loopserve.kernels: the looped block's fused per-pass step (PyTorch and Triton)."""
+"""loopserve.kernels: the looped block's fused per-pass step (Triton; PyTorch reference)."""
 
-from loopserve.kernels.loop_step import LoopStepOutput, loop_step
+from loopserve.kernels.loop_step import LoopStepOutput, loop_step_torch, loop_step_triton
 
-__all__ = ["LoopStepOutput", "loop_step"]
+__all__ = ["LoopStepOutput", "loop_step_torch", "loop_step_triton"]

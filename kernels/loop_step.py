@@ -5,11 +5,13 @@ residual stream), finished rows hand their (hidden, residual) pair to the layers
 block through full-batch buffers, and continuing rows get the next pass's inputs, compacted
 into slot order: RMSNorm(x) (the block's first input_layernorm) and x.
 
-`loop_step_torch` reproduces vLLM's native `fused_add_rms_norm` bit for bit, so looped and
-unlooped runs agree with vLLM's own layers on CPU. `loop_step_triton` does the whole step in
-one read of the inputs and one write of the outputs on CUDA, where the unfused ops (~17
-kernels) move about 7x the bytes in bf16 (benchmarks/kernels/loop_step_bench.py --dry-run).
-`loop_step` picks between them; `LOOPSERVE_KERNEL=torch|triton` overrides the choice.
+`loop_step_triton` does the whole step in one read of the inputs and one write of the
+outputs on CUDA, where the unfused ops (~17 kernels) move about 7x the bytes in bf16
+(benchmarks/kernels/loop_step_bench.py --dry-run). `loop_step_torch` is the same contract
+in PyTorch, reproducing vLLM's native `fused_add_rms_norm` bit for bit: the reference the
+kernel is tested and benchmarked against. `kernel_backend` says whether the looped block
+fuses its hand-over at all (Triton; on the CPU the layer applies its own norm);
+`LOOPSERVE_KERNEL=torch|triton` overrides the choice.
 
 This file imports nothing from the package, so benchmarks can load it by path on a machine
 where loopserve (and vLLM) are not installed.
@@ -261,7 +263,7 @@ def loop_step_triton(
 
 
 def kernel_backend(device: torch.device) -> str:
-    """'triton' or 'torch' for tensors on `device`: the single dispatch decision.
+    """'triton' (fused hand-over) or 'torch' (the layer's own norm) on `device`.
 
     `LOOPSERVE_KERNEL` (torch|triton) overrides; otherwise Triton on CUDA when importable.
     Read per call so tests and operators can switch it without re-importing.
@@ -272,33 +274,3 @@ def kernel_backend(device: torch.device) -> str:
     if forced not in ("", "auto"):
         raise ValueError(f"{KERNEL_ENV}={forced!r}: expected torch, triton or auto")
     return "triton" if device.type == "cuda" and triton is not None else "torch"
-
-
-def loop_step(
-    hidden: torch.Tensor,
-    residual: torch.Tensor,
-    rows: torch.Tensor,
-    next_slot: torch.Tensor,
-    num_next: int,
-    weight: torch.Tensor,
-    eps: float,
-    out_hidden: torch.Tensor,
-    out_residual: torch.Tensor,
-) -> LoopStepOutput:
-    """The loop step (see the module docstring), on the backend `kernel_backend` picks.
-
-    next_slot must hold a permutation of range(num_next) (and -1 elsewhere): this is not
-    checked, since checking would synchronise with the device on every pass.
-    """
-    impl = loop_step_triton if kernel_backend(hidden.device) == "triton" else loop_step_torch
-    return impl(
-        hidden,
-        residual,
-        rows,
-        next_slot,
-        num_next,
-        weight,
-        eps,
-        out_hidden,
-        out_residual,
-    )

@@ -18,12 +18,9 @@ PLUGIN = "loopserve"
 
 def serve_parser() -> argparse.ArgumentParser:
     """vLLM's `serve` parser with loopserve's defaults and loop options added."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from loopserve.server.vllm_http_hooks import vllm_serve_parser
 
-    parser = make_arg_parser(
-        FlexibleArgumentParser(prog="loopserve serve", description=SERVE_DESCRIPTION)
-    )
+    parser = vllm_serve_parser("loopserve serve", SERVE_DESCRIPTION)
     parser.set_defaults(model=None, host="127.0.0.1", port=8000)
     loop = parser.add_argument_group("loopserve", "How the looped model loops.")
     loop.add_argument(
@@ -52,13 +49,9 @@ def _serve(argv: list[str]) -> int:
     named = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
     os.environ["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*named, PLUGIN]))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.logger import configure_logging_from_args
-
     from loopserve.server.engine import EngineConfig, vllm_engine_kwargs
+    from loopserve.server.vllm_http_hooks import run_vllm_serve
 
-    cli_env_setup()
     args = serve_parser().parse_args(argv)
     # Resolve the model and check the loop plan before vLLM starts: a bad plan is a
     # start-up error with a one-line message.
@@ -77,10 +70,7 @@ def _serve(argv: list[str]) -> int:
         args.api_key = [os.environ["LOOPSERVE_API_KEY"]]
     if MIDDLEWARE not in args.middleware:
         args.middleware.append(MIDDLEWARE)
-    configure_logging_from_args(args)
-    serve = ServeSubcommand()
-    serve.validate(args)
-    serve.cmd(args)
+    run_vllm_serve(args)
     return 0
 
 

@@ -3,7 +3,7 @@
 Loaded by vLLM's API server when `VLLM_PLUGINS` names `loopserve` (`loopserve serve`
 sets it). `init_state` runs once vLLM has built its serving objects; it reads the loop
 plan from the config vLLM built and installs the usage and metrics hooks
-(vllm_hooks.install_http_hooks) on this server's own objects.
+(`vllm_http_hooks.install_http_hooks`) on this server's own objects.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ router = APIRouter()
 @router.get("/v1/models")
 async def models_with_loop_plan(raw_request: Request) -> JSONResponse:
     """vLLM's model list; the base model's card also says how it loops."""
+    from loopserve.server.vllm_http_hooks import available_models
+
     state = raw_request.app.state
-    listing = (await state.openai_serving_models.show_available_models()).model_dump()
+    listing = await available_models(state)
     plan = state.loop_model.plan
     for card in listing["data"]:
         if card.get("parent") is None:  # LoRA adapters name their base model here
@@ -44,7 +46,8 @@ class LoopserveEndpointPlugin:
         app.include_router(router)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
-        from loopserve.server.vllm_hooks import install_http_hooks
+        from loopserve.server.vllm_http_hooks import check_app_state, install_http_hooks
 
+        check_app_state(state)
         state.loop_model = served_model_info(engine_client.model_config)
         install_http_hooks(state, engine_client, state.loop_model)

@@ -10,7 +10,7 @@ checks exactly what the engine runs. Per-request loops travel in
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +41,7 @@ class EngineConfig:
     pipeline_parallel_size: int = 1
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
-    max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
-    seed: int = 0
-    extra_engine_args: dict[str, Any] = field(default_factory=dict)
 
     def model_path(self) -> str:
         from loopserve.server.default_model import resolve_model
@@ -127,12 +124,9 @@ def vllm_engine_kwargs(config: EngineConfig) -> tuple[dict[str, Any], ModelInfo]
         "pipeline_parallel_size": config.pipeline_parallel_size,
         "enable_prefix_caching": config.enable_prefix_caching,
         "enforce_eager": config.enforce_eager,
-        "seed": config.seed,
-        **config.extra_engine_args,
     }
-    for name in ("max_num_seqs", "max_num_batched_tokens"):
-        if getattr(config, name) is not None:
-            kwargs[name] = getattr(config, name)
+    if config.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
     return kwargs, info
 
 

@@ -92,7 +92,7 @@ class LoopserveMiddleware:
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
 
-        limit = getattr(state.args, "max_body_bytes", None) or DEFAULT_MAX_BODY_BYTES
+        limit = getattr(server_args(state), "max_body_bytes", None) or DEFAULT_MAX_BODY_BYTES
         too_large = error_response(
             413, f"request body is larger than {limit} bytes", "RequestEntityTooLarge"
         )
@@ -138,7 +138,7 @@ class LoopserveMiddleware:
 
     def _authorized(self, scope: Scope) -> bool:
         if self._key_hashes is None:
-            keys = scope["app"].state.args.api_key or [os.environ.get("VLLM_API_KEY")]
+            keys = server_args(scope["app"].state).api_key or [os.environ.get("VLLM_API_KEY")]
             self._key_hashes = [hashlib.sha256(k.encode()).digest() for k in keys if k]
         if not self._key_hashes:
             return True
@@ -164,7 +164,16 @@ class LoopserveMiddleware:
 def served_plan(state: Any) -> LoopPlan:
     """The served model's loop plan, from the config vLLM built (hf_overrides included)."""
     from loopserve.server.engine import served_model_info
+    from loopserve.server.vllm_http_hooks import served_model_config
 
     if not hasattr(state, "loop_model"):
-        state.loop_model = served_model_info(state.vllm_config.model_config)
+        state.loop_model = served_model_info(served_model_config(state))
     return state.loop_model.plan
+
+
+def server_args(state: Any) -> Any:
+    """vLLM's parsed `serve` arguments, through the API-server hooks (imported late: they
+    import this module)."""
+    from loopserve.server import vllm_http_hooks
+
+    return vllm_http_hooks.server_args(state)

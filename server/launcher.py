@@ -1,4 +1,4 @@
-"""Start a real `loopserve serve` process on a free loopback port (tests, `bench` without --url)."""
+"""Start a real server process (`loopserve serve`, or stock vLLM's) on a free loopback port."""
 
 from __future__ import annotations
 
@@ -42,13 +42,26 @@ class ServerProcess:
 
 
 def start_server(args: list[str], log_path: str, timeout: float = 600.0) -> ServerProcess:
-    """Start `loopserve serve ARGS`; return once /health answers 200 (vLLM opens the port
-    only when the engine is ready)."""
+    """Start `loopserve serve ARGS`; return once /health answers 200."""
+    command = [sys.executable, "-m", "loopserve.server.cli", "serve"]
+    return start_process(command, args, log_path, timeout)
+
+
+def start_stock_vllm(args: list[str], log_path: str, timeout: float = 600.0) -> ServerProcess:
+    """Start stock vLLM's OpenAI server (loopserve's plugin loaded, nothing looped)."""
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    return start_process(command, args, log_path, timeout)
+
+
+def start_process(
+    command: list[str], args: list[str], log_path: str, timeout: float = 600.0
+) -> ServerProcess:
+    """Start `COMMAND --port P ARGS` on a free port; return once /health answers 200
+    (vLLM opens the port only when the engine is ready)."""
     port = free_port()
-    command = [sys.executable, "-m", "loopserve.server.cli", "serve", "--port", str(port), *args]
     log = open(log_path, "w")  # noqa: SIM115 - the child writes to it for its whole life
     process = subprocess.Popen(
-        command,
+        [*command, "--port", str(port), *args],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=os.environ.copy(),

@@ -3,20 +3,19 @@
 Pass 1 is the block as vLLM runs it, on every row. Pass p >= 2 runs on the rows whose
 request asked for at least p passes (`LoopSchedule`): their projections, norms and MLP
 see only those rows, through copies of the block's layers (`layer_for_pass`: same
-weights) whose attention is that pass's `PassAttention` (its own KV plane). Each pass
-is one segment, compiled as the engine compiles models (`loop_segments`). Rows that
+weights) whose attention is a `PassAttention` (one KV plane per pass, picked at run
+time). Pass 1 is one segment and passes 2..K share another (`loop_segments`). Rows that
 finished keep the output of their last pass, which is what the layers after the block
 receive.
 
-Hand-over between passes, two exact paths, chosen per architecture by the block's first
-layer:
-- its entry norm is vLLM's `RMSNorm` (Llama, Mistral, Qwen2, Qwen3, Phi-3): the fused
-  loop step (`loopserve.kernels.loop_step`: residual add, RMSNorm, compaction of the
-  continuing rows, write-back of the finished ones; one Triton kernel on CUDA) computes
-  the next pass's normed input, and the entry norm is bypassed for that pass;
-- any other entry norm (Gemma-2/3's `(1 + w)` `GemmaRMSNorm` between sandwich norms):
-  the continuing rows' (hidden, residual) pair is gathered and the layer applies its own
-  norm, in PyTorch.
+Hand-over between passes, two exact paths:
+- where the fused loop step runs (Triton: CUDA) and the block's entry norm is exactly
+  vLLM's `RMSNorm` (Llama, Mistral, Qwen2, Qwen3, Phi-3): one kernel
+  (`loopserve.kernels.loop_step`: residual add, RMSNorm, compaction of the continuing
+  rows, write-back of the finished ones) computes the next pass's normed input, and the
+  entry norm is bypassed for that pass;
+- otherwise (CPU; Gemma-2/3's `(1 + w)` norms): the continuing rows' (hidden, residual)
+  pair is gathered and the layer applies its own entry norm.
 """
 
 from __future__ import annotations
@@ -31,9 +30,9 @@ from torch import nn
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 
-from loopserve.kernels.loop_step import loop_step
+from loopserve.kernels.loop_step import kernel_backend, loop_step_triton
 from loopserve.server import vllm_hooks
-from loopserve.server.loop_schedule import LoopSchedule
+from loopserve.server.loop_context import current_loop_context
 from loopserve.server.loop_segments import LayerCall
 
 
@@ -49,83 +48,82 @@ def _attention_path(layer: nn.Module) -> tuple[list[str], Attention]:
     return path.split("."), module
 
 
-def attention_plane(layer: nn.Module, virtual_index: int, static_context: dict) -> Attention:
-    """A copy of the layer's `Attention` with its own name, hence its own KV cache.
+def attention_plane(layer: nn.Module, virtual_index: int, vllm_config: Any) -> Attention:
+    """The layer's `Attention` under the name of virtual layer `virtual_index`.
 
-    The copy shares the original's implementation, settings (heads, scale, sliding
-    window, softcap, alibi) and parameters (quantization and KV-cache scales), so a pass
-    attends exactly as the layer's first pass does; only the name under which vLLM
-    binds a cache differs.
+    A pass attends exactly as the layer's first pass does (same implementation,
+    settings and parameters); only the name, hence the KV cache vLLM binds, differs.
     """
     _, base = _attention_path(layer)
     name, count = re.subn(r"\.layers\.\d+\.", f".layers.{virtual_index}.", base.layer_name, count=1)
     if count != 1:
         raise ValueError(f"cannot derive a pass layer name from {base.layer_name!r}")
-    if name in static_context:
-        raise ValueError(f"duplicate attention layer name {name!r}")
-    plane = copy.copy(base)
-    plane._parameters = dict(base._parameters)
-    plane._buffers = dict(base._buffers)
-    plane._modules = dict(base._modules)
-    plane.layer_name = name
-    plane.kv_cache = torch.tensor([])
-    plane.loop_rows, plane.loop_num_tokens = None, 0
-    static_context[name] = plane
-    return plane
+    return vllm_hooks.attention_under_name(base, name, vllm_config)
 
 
 class PassAttention(nn.Module):
-    """Where a block layer's attention sits during pass p >= 2: that pass's plane.
+    """Where a block layer's attention sits in passes p >= 2: the plane of the running pass.
 
-    It calls `loopserve::pass_attention`, an opaque op to a compiled segment, because
-    the rows it runs on change every step.
+    One module serves every later pass (so one compiled graph does): it calls
+    `loopserve::pass_attention`, an op opaque to the compiler, with the names of the
+    layer's planes for passes 2..K, and the op picks the running pass's plane and rows
+    from the step's `LoopContext`.
     """
 
-    def __init__(self, plane: Attention) -> None:
+    def __init__(self, planes: list[Attention]) -> None:
         super().__init__()
-        self.plane = plane
+        self.planes = nn.ModuleList(planes)
+        # Custom ops take no list of strings: the names travel comma-joined.
+        self.plane_names = ",".join(plane.layer_name for plane in planes)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs):
         if kwargs:
             raise TypeError(f"loopserve's pass attention takes no options, got {sorted(kwargs)}")
-        return torch.ops.loopserve.pass_attention(query, key, value, self.plane.layer_name)
-
-    def bind(self, rows: torch.Tensor | None, num_tokens: int) -> None:
-        """The batch rows of the pass about to run (None: all `num_tokens` of them)."""
-        self.plane.loop_rows = rows
-        self.plane.loop_num_tokens = num_tokens
+        return torch.ops.loopserve.pass_attention(query, key, value, self.plane_names)
 
 
-@torch.library.custom_op("loopserve::pass_attention", mutates_args=())
+PASS_ATTENTION_OP = "loopserve::pass_attention"
+
+
+@torch.library.custom_op(PASS_ATTENTION_OP, mutates_args=())
 def pass_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_name: str
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plane_names: str
 ) -> torch.Tensor:
-    """One pass's attention through its plane, on the rows `PassAttention.bind` named.
+    """The running pass's attention through its plane, on that pass's rows.
 
     The step's attention metadata describes every row of the batch, so a subset's q/k/v
     are scattered into zeros and the other rows' outputs dropped. Their K/V land in
     this plane at their slots, which their requests never read (they did not ask for
     this pass).
     """
-    return _plane_attention(vllm_hooks.attention_layer(layer_name), query, key, value)
-
-
-def _plane_attention(
-    plane: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
-) -> torch.Tensor:
-    rows = plane.loop_rows
-    if rows is None:
+    context = current_loop_context()
+    schedule, p = context.schedule, context.pass_index
+    assert schedule is not None and p >= 2, "pass attention runs inside a looped step"
+    plane = vllm_hooks.attention_layer(plane_names.split(",")[p - 2])
+    if schedule.full_pass[p - 1]:
         return plane(query, key, value)
+    return _subset_attention(
+        plane, schedule.pass_rows[p - 1], schedule.num_tokens, query, key, value
+    )
+
+
+def _subset_attention(
+    plane: Attention,
+    rows: torch.Tensor,
+    num_tokens: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+) -> torch.Tensor:
     q, k, v = (
-        t.new_zeros((plane.loop_num_tokens, *t.shape[1:])).index_copy_(0, rows, t)
-        for t in (query, key, value)
+        t.new_zeros((num_tokens, *t.shape[1:])).index_copy_(0, rows, t) for t in (query, key, value)
     )
     return plane(q, k, v).index_select(0, rows)
 
 
 @pass_attention.register_fake
-def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_name: str):
-    plane = vllm_hooks.attention_layer(layer_name)
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plane_names: str):
+    plane = vllm_hooks.attention_layer(plane_names.split(",")[0])
     return query.new_empty((query.shape[0], plane.num_heads * plane.head_size_v))
 
 
@@ -165,38 +163,38 @@ class LoopedBlock:
     """Stands in for the block's first layer in a looped step and runs the whole block.
 
     Called like a vLLM decoder layer, `(positions, hidden_states, residual, **kwargs) ->
-    (hidden_states, residual)`, with the step's schedule set by the model beforehand.
-    Each pass is one segment (`run_segment`: compiled or eager, as the engine runs
-    models); pass 1 is the block's own layers, pass p >= 2 their `layer_for_pass` copies.
+    (hidden_states, residual)`, inside a step whose `LoopContext` holds the schedule.
+    Pass 1 runs the block's own layers, passes 2..K their `layer_for_pass` copies, each
+    as one segment (`make_segment`: compiled or eager, as the engine runs models).
     """
 
     def __init__(
         self,
         layers: list[nn.Module],
-        planes: list[nn.ModuleList],
-        run_segment: Callable[[list[nn.Module]], LayerCall],
+        attentions: list[PassAttention],
+        make_segment: Callable[[str, list[nn.Module]], LayerCall],
     ) -> None:
         entry = layers[0]
         norm = getattr(entry, "input_layernorm", None)
-        # Exactly vLLM's RMSNorm (not a subclass, not GemmaRMSNorm): the loop step
-        # reproduces its fused add + norm bit for bit.
+        # The fused loop step (Triton) reproduces exactly vLLM's RMSNorm (not a
+        # subclass, not GemmaRMSNorm) bit for bit; elsewhere the layer's own norm runs.
         self.fused_entry: RMSNorm | None = (
             norm
-            if type(norm) is RMSNorm and norm.has_weight and norm.variance_size_override is None
+            if type(norm) is RMSNorm
+            and norm.has_weight
+            and norm.variance_size_override is None
+            and kernel_backend(norm.weight.device) == "triton"
             else None
         )
-        self.planes = planes  # planes[p - 2][i]: pass p of block layer i
         prenormed = self.fused_entry is not None
-        self.passes = [run_segment(layers)] + [
-            run_segment(
-                [
-                    layer_for_pass(layer, attention, prenormed and i == 0)
-                    for i, (layer, attention) in enumerate(zip(layers, pass_planes, strict=True))
-                ]
-            )
-            for pass_planes in planes
-        ]
-        self.schedule: LoopSchedule | None = None
+        self.first_pass = make_segment("LoopFirstPass", layers)
+        self.later_pass = make_segment(
+            "LoopLaterPass",
+            [
+                layer_for_pass(layer, attention, prenormed and i == 0)
+                for i, (layer, attention) in enumerate(zip(layers, attentions, strict=True))
+            ],
+        )
 
     def __call__(
         self,
@@ -205,7 +203,8 @@ class LoopedBlock:
         residual: torch.Tensor | None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        schedule = self.schedule
+        context = current_loop_context()
+        schedule = context.schedule
         assert schedule is not None, "LoopedBlock runs only inside a looped forward"
         fused = self.fused_entry
         out: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -213,29 +212,20 @@ class LoopedBlock:
         for p in range(schedule.max_loops):
             full = schedule.full_pass[p]
             rows = schedule.pass_rows[p]
-            pass_positions = positions if full else positions.index_select(-1, rows)
-            if p > 0:
-                for attention in self.planes[p - 1]:
-                    attention.bind(None if full else rows, schedule.num_tokens)
-            h, r = self.passes[p](pass_positions, h, r, **kwargs)
+            context.pass_index = p + 1
+            segment = self.first_pass if p == 0 else self.later_pass
+            h, r = segment(positions if full else positions.index_select(-1, rows), h, r, **kwargs)
             num_rows, num_next = rows.shape[0], schedule.num_next[p]
             if full and num_next == 0:
                 return h, r  # every row stops here: the pair already is the coda's input
             if out is None:
                 out = (torch.empty_like(h), torch.empty_like(r))
             if fused is not None:
-                step = loop_step(
-                    h,
-                    r,
-                    rows,
-                    schedule.next_slot[p],
-                    num_next,
-                    fused.weight,
-                    fused.variance_epsilon,
-                    *out,
-                )
-                h = step.next_hidden
-                r = step.next_residual
+                step = loop_step_triton(
+                    h, r, rows, schedule.next_slot[p], num_next,
+                    fused.weight, fused.variance_epsilon, *out,
+                )  # fmt: skip
+                h, r = step.next_hidden, step.next_residual
                 continue
             if num_next < num_rows:
                 done, done_rows, keep = schedule.done[p], schedule.done_rows[p], schedule.keep[p]

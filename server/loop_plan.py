@@ -104,11 +104,6 @@ class LoopPlan:
     def block_size(self) -> int:
         return self.end - self.start
 
-    @property
-    def num_attention_planes(self) -> int:
-        """KV planes to allocate: one per executed (layer, pass) at k = max_loops."""
-        return self.executed_depth(self.max_loops)
-
     def executed_depth(self, loops: int) -> int:
         """Layers a token runs through with `loops` passes of the block."""
         return self.num_layers + (loops - 1) * self.block_size

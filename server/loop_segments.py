@@ -1,41 +1,45 @@
-"""Compiled segments of a looped step: the prelude, one block pass, the coda.
+"""Compiled segments of a looped step: the prelude, the block's passes, the coda.
 
 vLLM compiles a model's forward as one traced graph, which fixes the order of its
 layers; a looped step's order depends on its batch (how many passes, which rows run
-each). loopserve therefore compiles the runs of layers that are the same in every step
-(`Segment`s: prelude, each block pass, coda) as separate graphs, with the pass loop,
-row gathers and the loop step between them in Python. Each segment is compiled with the
-backend and Inductor options vLLM compiles the model with; with `--enforce-eager`
-(compilation mode NONE) segments run eagerly, as the rest of the model does.
+each). loopserve compiles the runs of layers that are the same in every step as
+separate modules, the way vLLM's `models/gemma3n.py` compiles its two decoders: each
+segment class carries vLLM's `support_torch_compile`, so it compiles once, guard-free,
+with the engine's backend and options, is saved to and loaded from vLLM's compile
+cache, and runs eagerly under `--enforce-eager`. The pass loop, row gathers and
+hand-over run in Python between segments.
 
-Batch rows vary per step, so dimension 0 (tokens) is dynamic and each segment compiles
-once (`CompiledSegment`), in a looped dummy run at vLLM's warm-up (`vllm_hooks`). On
-CUDA, vLLM's piecewise backend captures CUDA graphs only for the forward it compiles
-itself; segments use plain Inductor, so looped steps run compiled but without graphs.
+Passes 2..K are one module whose pass attention picks its plane at run time, so one
+graph serves them all and start-up does not grow with `--max-loops`. Each role is its
+own class because vLLM keys a cached artifact by the forward's qualified name and the
+engine's config, and the prelude and the coda hold different layers.
 """
 
 from __future__ import annotations
 
-import logging
 import types
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from vllm.config import CompilationMode
-
-logger = logging.getLogger("loopserve")
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import set_current_vllm_config
 
 # How a decoder layer is called in vLLM: (positions, hidden_states, residual) ->
 # (hidden_states, residual). Segments and `LoopedBlock` are called the same way.
 LayerCall = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
+ROLES = ("LoopPrelude", "LoopFirstPass", "LoopLaterPass", "LoopCoda")
+
+# Rows vary per step (and per pass): the token dimension is dynamic in every segment.
+DYNAMIC_DIMS = {"positions": -1, "hidden_states": 0, "residual": 0}
+
 
 class Segment(nn.Module):
     """Consecutive decoder layers, called as one layer: the unit loopserve compiles."""
 
-    def __init__(self, layers: list[nn.Module]) -> None:
+    def __init__(self, *, layers: list[nn.Module], vllm_config: Any = None, prefix: str = ""):
         super().__init__()
         self.layers = nn.ModuleList(layers)
 
@@ -52,62 +56,19 @@ class Segment(nn.Module):
         return hidden_states, residual
 
 
-class CompiledSegment:
-    """A `Segment` compiled once, then run without Dynamo's guards, as vLLM runs its model.
-
-    As in vLLM's trace-once mode, the first call with at least two rows traces the
-    segment with its row dimension dynamic, and every later call, of any row count (one
-    included), runs that graph without evaluating guards. Dynamo keys compiled graphs by
-    code object, so each segment compiles its own copy of `Segment.forward`'s code;
-    without guards they would otherwise all run the first segment's graph. Calls with
-    fewer than two rows before the graph exists run eagerly (Dynamo would specialize a
-    graph to one row).
-    """
-
-    def __init__(self, segment: Segment, backend: str, options: dict[str, Any]) -> None:
-        self.segment = segment
-        self.code = Segment.forward.__code__.replace()
-        forward = types.FunctionType(self.code, Segment.forward.__globals__, "forward")
-        self.compiled = False
-        self._compiled = torch.compile(
-            types.MethodType(forward, segment),
-            backend=backend,
-            fullgraph=True,
-            options={**options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe},
-        )
-
-    def __call__(
-        self,
-        positions: torch.Tensor,
-        hidden_states: torch.Tensor,
-        residual: torch.Tensor | None,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.compiled:
-            if hidden_states.shape[0] < 2:
-                return self.segment(positions, hidden_states, residual, **kwargs)
-            torch._dynamo.mark_dynamic(positions, positions.dim() - 1)
-            torch._dynamo.mark_dynamic(hidden_states, 0)
-            if residual is not None:
-                torch._dynamo.mark_dynamic(residual, 0)
-            self.compiled = True
-        return self._compiled(positions, hidden_states, residual, **kwargs)
+def _compiled_class(role: str) -> type[Segment]:
+    """`Segment` under its own name and code object, compiled by vLLM's decorator."""
+    code = Segment.forward.__code__.replace()  # Dynamo caches graphs per code object
+    forward = types.FunctionType(code, Segment.forward.__globals__, "forward")
+    forward.__qualname__ = f"{role}.forward"
+    cls = type(role, (Segment,), {"forward": forward, "__module__": __name__})
+    return support_torch_compile(dynamic_arg_dims=DYNAMIC_DIMS)(cls)
 
 
-def segment_compiler(compilation_config: Any) -> Callable[[list[nn.Module]], LayerCall]:
-    """How this engine runs a segment: compiled as vLLM compiles its model, or eagerly."""
-    if compilation_config.mode == CompilationMode.NONE:
-        return Segment
-    backend = compilation_config.backend or "inductor"
-    if backend not in ("eager", "inductor"):
-        logger.info(
-            "loopserve: looped segments compile with Inductor, not the custom backend %r",
-            backend,
-        )
-        backend = "inductor"
-    options = dict(compilation_config.inductor_compile_config) if backend == "inductor" else {}
+_CLASSES = {role: _compiled_class(role) for role in ROLES}
 
-    def compile_segment(layers: list[nn.Module]) -> LayerCall:
-        return CompiledSegment(Segment(layers), backend, options)
 
-    return compile_segment
+def make_segment(role: str, layers: list[nn.Module], vllm_config: Any) -> Segment:
+    """The `role` segment over `layers`, compiled as this engine compiles its model."""
+    with set_current_vllm_config(vllm_config):
+        return _CLASSES[role](layers=layers, vllm_config=vllm_config)

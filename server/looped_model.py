@@ -5,16 +5,16 @@ loopserve owns only the order in which layers run. For each supported architectu
 rotary, norms and compiled forward, unchanged) and changes what one step runs:
 
 - every token at k=1: vLLM's forward as it is, compiled as vLLM compiles it;
-- otherwise: vLLM's forward run eagerly around compiled segments: the decoder's layer
-  list is read as prelude segment, `LoopedBlock`, coda segment (`loop_segments.py`),
-  with pass-throughs keeping its length. The decoder still embeds, scales and norms its
-  own way; `LoopedBlock` runs the block's layers k times per token, k per request, one
-  compiled segment per pass (`loop_passes.py`).
+- otherwise: vLLM's decoder forward, run eagerly over another layer list (prelude
+  segment, `LoopedBlock`, coda segment; `_LoopedDecoder`). The decoder still embeds,
+  scales and norms its own way; `LoopedBlock` runs the block's layers k times per
+  token, k per request (`loop_passes.py`); the segments compile as vLLM compiles
+  models (`loop_segments.py`). What a step loops is read from its `LoopContext`.
 
 Exactness with the unrolled model needs one KV plane per executed (layer, pass): pass
-p >= 2 of block layer i attends through a copy of that layer's own `Attention` (`planes`
-below), registered under the virtual layer index (p - 1) * L + i, so vLLM allocates and
-binds a cache for it as for any other layer.
+p >= 2 of block layer i attends through a copy of that layer's own `Attention`,
+registered under the virtual layer index (p - 1) * L + i, so vLLM allocates and binds
+a cache for it as for any other layer.
 
 Under pipeline parallelism the block lies inside one stage (`vllm_hooks` refuses a
 block across a stage boundary); that stage loops it and holds its planes, every other
@@ -24,26 +24,25 @@ stage runs vLLM's forward unchanged.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 from torch import nn
+from vllm.config import CompilationMode
 
 from loopserve.server import vllm_hooks
-from loopserve.server.loop_passes import LoopedBlock, PassAttention, attention_plane
+from loopserve.server.loop_context import current_loop_context
+from loopserve.server.loop_passes import (
+    PASS_ATTENTION_OP,
+    LoopedBlock,
+    PassAttention,
+    attention_plane,
+)
 from loopserve.server.loop_plan import (
     LOOPED_PREFIX,
     SUPPORTED_ARCHITECTURES,
     plan_from_hf_config,
 )
-from loopserve.server.loop_schedule import LoopSchedule
-from loopserve.server.loop_segments import CompiledSegment, segment_compiler
-
-
-class MissingLoopCounts(RuntimeError):
-    """A batch reached the model without per-token loop counts (a vLLM hook did not run)."""
+from loopserve.server.loop_segments import make_segment
 
 
 class LoopedCausalLM:
@@ -52,118 +51,98 @@ class LoopedCausalLM:
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.loop_plan = plan = plan_from_hf_config(vllm_config.model_config.hf_config)
-        decoder = self.model
-        if len(decoder.layers) != plan.num_layers:
+        layers, first, last = vllm_hooks.decoder_stage(self.model)
+        if len(layers) != plan.num_layers:
             raise ValueError(
-                f"loop plan is for {plan.num_layers} layers, the model has {len(decoder.layers)}"
+                f"loop plan is for {plan.num_layers} layers, the model has {len(layers)}"
             )
-        # This pipeline stage's layers; the others are vLLM's placeholders.
-        self._stage = decoder.start_layer, decoder.end_layer
-        self.holds_block = self._stage[0] <= plan.start and plan.end <= self._stage[1]
-        block = list(decoder.layers[plan.start : plan.end]) if self.holds_block else []
-        static_context = vllm_config.compilation_config.static_forward_context
-        # Registered as submodules, so vLLM's post-load processing (KV-cache scales
-        # included) runs on every plane as on the layer's own attention.
-        self.loop_planes = nn.ModuleList(
-            nn.ModuleList(
-                PassAttention(
-                    attention_plane(
-                        layer, (pass_index - 1) * plan.num_layers + index, static_context
-                    )
-                )
-                for index, layer in zip(range(plan.start, plan.end), block, strict=True)
+        # This pipeline stage's layers are first..last; the others are vLLM's placeholders.
+        self.holds_block = first <= plan.start and plan.end <= last
+        block = layers[plan.start : plan.end] if self.holds_block else []
+        vllm_hooks.check_model_surface(self.model, block)
+        # One per block layer, holding its planes for passes 2..K. Registered as
+        # submodules, so vLLM's post-load processing (KV-cache scales included) runs on
+        # every plane as on the layer's own attention.
+        self.loop_attention = nn.ModuleList(
+            PassAttention(
+                [
+                    attention_plane(layer, (p - 1) * plan.num_layers + index, vllm_config)
+                    for p in range(2, plan.max_loops + 1)
+                ]
             )
-            for pass_index in range(2, plan.max_loops + 1 if self.holds_block else 2)
+            for index, layer in enumerate(block, start=plan.start)
         )
-        self._run_segment = segment_compiler(vllm_config.compilation_config)
-        self._block: LoopedBlock | None = None
-        self._looped_layers: list[Any] = []
-        self._segments: list[Any] = []
-        self._loops: np.ndarray | int | None = None
+        splitting_ops = vllm_config.compilation_config.splitting_ops
+        if splitting_ops and PASS_ATTENTION_OP not in splitting_ops:
+            # Piecewise compilation (CUDA) splits graphs at attention: the pass
+            # attention, whose rows change every step, must be a split point too.
+            splitting_ops.append(PASS_ATTENTION_OP)
+        self._vllm_config = vllm_config
+        self._looped_decoder: _LoopedDecoder | None = None
 
-    def _build_looped_layers(self) -> None:
-        """The looped step's layer list: this stage's prelude, block, coda as segments.
+    def looped_decoder(self) -> _LoopedDecoder:
+        """The decoder as looped steps run it; built at the first looped dummy run.
 
-        Built at the first looped step or warm-up, after vLLM has loaded and
-        post-processed the weights the segments' layer copies share. Entries outside
-        this stage stay vLLM's placeholders (the decoder never calls them).
+        Built after vLLM has loaded and post-processed the weights, which the layer
+        copies of passes 2..K share.
         """
-        plan, layers = self.loop_plan, list(self.model.layers)
-        first, last = self._stage
-        self._block = block = LoopedBlock(
-            layers[plan.start : plan.end], list(self.loop_planes), self._run_segment
-        )
-        prelude, coda = layers[first : plan.start], layers[plan.end : last]
-        head = [self._run_segment(prelude)] if prelude else []
-        tail = [self._run_segment(coda)] if coda else []
-        self._segments = [*head, *block.passes, *tail]
-        self._looped_layers = [
-            *layers[:first],
-            *head,
-            *[_pass_through] * (len(prelude) - len(head)),
-            block,
-            *[_pass_through] * (plan.block_size - 1),
-            *tail,
-            *[_pass_through] * (len(coda) - len(tail)),
-            *layers[last:],
-        ]
-
-    @contextmanager
-    def looping(self, token_loops: np.ndarray | int) -> Iterator[None]:
-        """Run the forwards inside this block with these per-token loop counts.
-
-        An int gives every token that count, however many tokens the forward gets:
-        vLLM pads its dummy runs to a size only it knows.
-        """
-        self._loops = token_loops
-        try:
-            yield
-        finally:
-            self._loops = None
+        if self._looped_decoder is None:
+            self._looped_decoder = _LoopedDecoder(self)
+        return self._looped_decoder
 
     def needs_warm_up(self) -> bool:
-        """Whether a looped step would compile segments that are not compiled yet."""
-        if not self.holds_block:
-            return False
-        if self._block is None:
-            self._build_looped_layers()
-        return any(
-            isinstance(segment, CompiledSegment) and not segment.compiled
-            for segment in self._segments
-        )
+        """Whether this stage loops, compiles, and no looped step has run yet."""
+        compiles = self._vllm_config.compilation_config.mode != CompilationMode.NONE
+        return compiles and self.holds_block and self._looped_decoder is None
 
     def forward(self, input_ids: Any, positions: Any, *args: Any, **kwargs: Any) -> Any:
-        loops, num_tokens = self._loops, positions.shape[-1]
-        if loops is None:
-            raise MissingLoopCounts(
-                "the looped model got a batch without per-token loop counts: "
-                "loopserve's vLLM hooks are not active in this process"
-            )
-        if isinstance(loops, int):
-            loops = np.full(num_tokens, loops)
-        elif len(loops) != num_tokens:
-            raise MissingLoopCounts(
-                f"loop counts cover {len(loops)} tokens, the batch has {num_tokens}"
-            )
-        if not self.holds_block:
+        context = current_loop_context()
+        schedule = context.start(positions.shape[-1], positions.device)
+        if schedule.max_loops == 1 or not self.holds_block:
             return super().forward(input_ids, positions, *args, **kwargs)
-        schedule = LoopSchedule.build(loops, positions.device)
-        if schedule.max_loops == 1:
-            return super().forward(input_ids, positions, *args, **kwargs)
-        if self._block is None:
-            self._build_looped_layers()
-        assert self._block is not None
-        self._block.schedule = schedule
-        decoder = self.model
-        # Shadow the decoder's layer list for this one forward (an instance attribute
-        # wins over nn.Module's registry); its registered layers stay untouched.
-        decoder.__dict__["layers"] = self._looped_layers
-        try:
-            with vllm_hooks.eager_model_calls():
-                return super().forward(input_ids, positions, *args, **kwargs)
-        finally:
-            del decoder.__dict__["layers"]
-            self._block.schedule = None
+        # Every family's `*ForCausalLM.forward` is one call of its decoder; called by
+        # `forward`, vLLM's decoder runs eagerly (its compiled graph has k=1's layer
+        # order) over the looped layer list, and the segments inside run compiled.
+        view = self.looped_decoder().view
+        return type(self.model).forward(view, input_ids, positions, *args, **kwargs)
+
+
+class _LoopedDecoder:
+    """vLLM's decoder as a looped step runs it: the same decoder, another layer list.
+
+    Each family's decoder forward embeds, scales, hands over between pipeline stages
+    and norms its own way, then calls `self.layers[start:end]` in order; driving that
+    forward on `view` (the decoder with this stage's prelude segment, `LoopedBlock`,
+    coda segment as its layers, pass-throughs keeping the list's length) keeps all of
+    that vLLM's, and writes nothing on the decoder. Entries outside this stage stay
+    vLLM's placeholders (the decoder never calls them).
+    """
+
+    def __init__(self, model: LoopedCausalLM) -> None:
+        plan = model.loop_plan
+        layers, first, last = vllm_hooks.decoder_stage(model.model)
+
+        def segment(role: str, run: list[nn.Module]) -> Any:
+            return make_segment(role, run, model._vllm_config)
+
+        self.block = LoopedBlock(layers[plan.start : plan.end], list(model.loop_attention), segment)
+        prelude, coda = layers[first : plan.start], layers[plan.end : last]
+        head = [segment("LoopPrelude", prelude)] if prelude else []
+        tail = [segment("LoopCoda", coda)] if coda else []
+        self.segments = [*head, self.block.first_pass, self.block.later_pass, *tail]
+        self.view = vllm_hooks.decoder_with_layers(
+            model.model,
+            [
+                *layers[:first],
+                *head,
+                *[_pass_through] * (len(prelude) - len(head)),
+                self.block,
+                *[_pass_through] * (plan.block_size - 1),
+                *tail,
+                *[_pass_through] * (len(coda) - len(tail)),
+                *layers[last:],
+            ],
+        )
 
 
 def _pass_through(positions: Any, hidden_states: Any, residual: Any, **kwargs: Any) -> Any:

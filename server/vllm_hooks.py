@@ -1,4 +1,7 @@
-"""The only module that touches vLLM internals; loaded in every vLLM process as a plugin.
+"""The engine half of loopserve's vLLM hooks; loaded in every vLLM process as a plugin.
+
+Together with `vllm_http_hooks` (the API server's half), the only code that touches
+vLLM internals.
 
 vLLM has no public way to hand a model per-request data at each step, nor to keep
 prefix-cache entries of different depths apart, so loopserve hooks a few private places.
@@ -17,8 +20,7 @@ wrong.
    loopserve's segments at start-up. Once the KV cache is set up
    (`initialize_kv_cache`), the hook reads the empty batch's loop counts the way a real
    step does, so a vLLM whose runner renamed what that reads refuses to start. A looped
-   step bypasses vLLM's compiled forward and its CUDA graphs
-   (`eager_model_calls`); loopserve's own segments compile it.
+   step replays no CUDA graph (the captured ones hold k=1's layer order).
 3. Engine core (`EngineCore.preprocess_add_request`): every request's prefix-cache salt
    leads with the plan and its resolved depth (`loop_cache_salt`), so KV computed at one
    depth or under one plan is never reused at another.
@@ -28,19 +30,19 @@ wrong.
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import functools
 import logging
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import torch
 import vllm
 
+from loopserve.server.loop_context import looping
 from loopserve.server.loop_plan import (
     LOOPED_PREFIX,
-    LOOPS_KEY,
     SUPPORTED_ARCHITECTURES,
     LoopPlan,
     loop_cache_salt,
@@ -86,7 +88,6 @@ for _owner, _name in (
             "do not fit this release"
         )
 for _owner, _field in (
-    (ForwardContext, "skip_compiled"),
     (ForwardContext, "cudagraph_runtime_mode"),
     (CachedRequestState, "sampling_params"),
     (SamplingParams, "extra_args"),
@@ -107,23 +108,6 @@ def vllm_model_class(architecture: str) -> type:
     return cls
 
 
-@contextlib.contextmanager
-def eager_model_calls() -> Iterator[None]:
-    """Within one forward: vLLM's compiled modules run their eager forward, no CUDA graph.
-
-    A looped step's layer order depends on its batch, which vLLM's one compiled graph
-    or a captured CUDA graph would freeze; vLLM's own switch for such calls is the
-    forward context's `skip_compiled`. (loopserve's segments compile separately.)
-    """
-    context = get_forward_context()
-    saved = context.skip_compiled
-    context.skip_compiled = True
-    try:
-        yield
-    finally:
-        context.skip_compiled = saved
-
-
 def attention_layer(layer_name: str) -> Any:
     """The attention module bound under `layer_name` in the running forward.
 
@@ -131,6 +115,75 @@ def attention_layer(layer_name: str) -> Any:
     the same for its planes.
     """
     return get_forward_context().no_compile_layers[layer_name]
+
+
+def attention_under_name(base: Any, name: str, vllm_config: Any) -> Any:
+    """A copy of an `Attention` that vLLM binds its own KV cache to, under `name`.
+
+    The copy shares the original's implementation, settings (heads, scale, sliding
+    window, softcap, alibi) and parameters (quantization and KV-cache scales); vLLM
+    finds attention layers by name in the compilation config's static forward context.
+    """
+    static_context = vllm_config.compilation_config.static_forward_context
+    if name in static_context:
+        raise ValueError(f"duplicate attention layer name {name!r}")
+    plane = copy.copy(base)
+    plane._parameters = dict(base._parameters)
+    plane._buffers = dict(base._buffers)
+    plane._modules = dict(base._modules)
+    plane.layer_name = name
+    plane.kv_cache = torch.tensor([])
+    static_context[name] = plane
+    return plane
+
+
+def decoder_stage(decoder: Any) -> tuple[list[Any], int, int]:
+    """The decoder's layer list and this pipeline stage's span of it (vLLM's
+    `make_layers` leaves placeholders outside the span)."""
+    return list(decoder.layers), decoder.start_layer, decoder.end_layer
+
+
+def decoder_with_layers(decoder: Any, layers: list[Any]) -> Any:
+    """A second instance of the decoder's class sharing all its state but `layers`.
+
+    An instance of the class itself, so a family's forward that calls
+    `super().forward` (Mistral's) runs as it does on the decoder.
+    """
+    view = object.__new__(type(decoder))
+    view.__dict__.update(decoder.__dict__)
+    view.__dict__["_modules"] = {**decoder._modules, "layers": layers}
+    return view
+
+
+# What the looped model reads on vLLM's modules: the decoder (`decoder_stage`), each
+# block layer's `Attention` (`attention_under_name`, the pass attention's output shape)
+# and its entry norm (the fused hand-over).
+_MODEL_SURFACE = {
+    "decoder": ("layers", "start_layer", "end_layer", "forward"),
+    "Attention": ("layer_name", "kv_cache", "num_heads", "head_size_v", "_parameters"),
+    "RMSNorm": ("weight", "variance_epsilon", "has_weight", "variance_size_override"),
+}
+
+
+def check_model_surface(decoder: Any, block: list[Any]) -> None:
+    """Refuse, at model construction, a vLLM whose modules lack what loopserve reads."""
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.model_executor.layers.layernorm import RMSNorm
+
+    found = {"decoder": [decoder]}
+    for layer in block:
+        for module in layer.modules():
+            for kind, cls in (("Attention", Attention), ("RMSNorm", RMSNorm)):
+                if type(module) is cls:
+                    found.setdefault(kind, []).append(module)
+    for kind, names in _MODEL_SURFACE.items():
+        for module in found.get(kind, []):
+            missing = [name for name in names if not hasattr(module, name)]
+            if missing:
+                raise RuntimeError(
+                    f"vLLM {vllm.__version__}'s {type(module).__name__} has no "
+                    f"{', '.join(missing)}: loopserve's model hooks do not fit this release"
+                )
 
 
 def _refused_features(vllm_config: Any) -> dict[str, bool]:
@@ -216,7 +269,7 @@ def looped_plan(model_config: Any) -> LoopPlan | None:
 
 def _looped_model(runner: Any) -> Any | None:
     model = runner.get_model()
-    return model if hasattr(model, "looping") and hasattr(model, "loop_plan") else None
+    return model if hasattr(model, "looped_decoder") and hasattr(model, "loop_plan") else None
 
 
 def _step_token_loops(runner: Any, plan: LoopPlan, num_tokens: int) -> np.ndarray:
@@ -245,7 +298,7 @@ def _wrap_model_forward(original):
         if model is None:
             return original(self, input_ids, positions, *args, **kwargs)
         token_loops = _step_token_loops(self, model.loop_plan, positions.shape[-1])
-        with model.looping(token_loops):
+        with looping(token_loops):
             if token_loops.max(initial=1) > 1:
                 # A captured CUDA graph would replay the k=1 forward it captured.
                 get_forward_context().cudagraph_runtime_mode = CUDAGraphMode.NONE
@@ -277,12 +330,12 @@ def _wrap_dummy_run(original):
             return original(self, num_tokens, *args, **kwargs)
         # k=1 for every token, whatever padding vLLM adds: the path vLLM warms up,
         # compiles and captures is the one k=1 steps take.
-        with model.looping(1):
+        with looping(1):
             out = original(self, num_tokens, *args, **kwargs)
         if num_tokens >= 2 and model.needs_warm_up():
-            # Once more at the deepest loop count, so loopserve's segments compile now
-            # rather than stall the first looped request.
-            with model.looping(model.loop_plan.max_loops):
+            # Once more at the deepest loop count, so loopserve's segments compile (or
+            # load from vLLM's compile cache) now rather than at the first looped request.
+            with looping(model.loop_plan.max_loops):
                 original(self, num_tokens, *args, **kwargs)
         return out
 
@@ -324,184 +377,3 @@ def register() -> None:
         EngineCore.preprocess_add_request
     )
     _installed = True
-
-
-# ======================================================================================
-# HTTP server hooks (issue 10). Only the API server process runs them: the endpoint
-# plugin (endpoint_plugin.py) installs them on its own server's objects in `init_state`.
-# vLLM's OpenAI serving classes build `usage` from token totals inside their response
-# methods, with no extension point; exact FLOPs need each sequence's length, so loopserve
-# wraps, per serving instance, the four methods that see every `RequestOutput` of a
-# request and adds the loop fields to the usage they return. The engine client's public
-# `generate` is wrapped on the instance for loopserve's metrics.
-# ======================================================================================
-
-_HTTP_HOOKED = (
-    ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion", (
-        "request_output_to_completion_response", "completion_stream_generator")),
-    ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat", (
-        "chat_completion_full_generator", "chat_completion_stream_generator")),
-)  # fmt: skip
-
-
-def _check_http_hooked() -> None:
-    import importlib
-
-    for module, owner, names in _HTTP_HOOKED:
-        cls = getattr(importlib.import_module(module), owner, None)
-        for name in names:
-            if cls is None or not hasattr(cls, name):
-                raise ImportError(
-                    f"vLLM {vllm.__version__} has no {owner}.{name}: loopserve's HTTP hooks "
-                    "do not fit this release"
-                )
-
-
-def _request_loops(request: Any, plan: LoopPlan) -> int:
-    return plan.loops_of(getattr(request, "vllm_xargs", None))
-
-
-def _add_usage(usage: Any, fields: dict[str, int]) -> None:
-    for name, value in fields.items():
-        setattr(usage, name, value)  # vLLM's UsageInfo allows extra fields
-
-
-async def _tallied(results: Any, tally: Any, done: list[bool]) -> Any:
-    """Pass a serving method's RequestOutputs (or (prompt index, output)) through, counted."""
-    async for item in results:
-        index, output = item if isinstance(item, tuple) else (0, item)
-        tally.observe(index, output)
-        yield item
-    done.append(True)
-
-
-def _wrap_stream(original, info: Any):
-    """A `*_stream_generator`: count its input, add loop fields to the final usage chunk."""
-    import inspect
-    import json
-
-    from loopserve.server.loop_usage import SequenceTally
-
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)
-    async def stream(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        tally, done = SequenceTally(), []
-        loops = _request_loops(bound.arguments["request"], info.plan)
-        bound.arguments["result_generator"] = _tallied(
-            bound.arguments["result_generator"], tally, done
-        )
-        async for chunk in original(*bound.args, **bound.kwargs):
-            if done and '"usage":{' in chunk and chunk.startswith("data: {"):
-                event = json.loads(chunk[len("data: ") :])
-                if event.get("usage"):
-                    event["usage"].update(tally.usage_fields(info.flops, loops))
-                    chunk = f"data: {json.dumps(event)}\n\n"
-            yield chunk
-
-    return stream
-
-
-def _wrap_chat_full(original, info: Any):
-    import inspect
-
-    from loopserve.server.loop_usage import SequenceTally
-
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)
-    async def full(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        tally = SequenceTally()
-        loops = _request_loops(bound.arguments["request"], info.plan)
-        bound.arguments["result_generator"] = _tallied(
-            bound.arguments["result_generator"], tally, []
-        )
-        response = await original(*bound.args, **bound.kwargs)
-        if getattr(response, "usage", None) is not None:
-            _add_usage(response.usage, tally.usage_fields(info.flops, loops))
-        return response
-
-    return full
-
-
-def _wrap_completion_response(original, info: Any):
-    from loopserve.server.loop_usage import SequenceTally
-
-    @functools.wraps(original)
-    def response(final_res_batch, request, *args, **kwargs):
-        result = original(final_res_batch, request, *args, **kwargs)
-        tally = SequenceTally()
-        for index, output in enumerate(final_res_batch):
-            tally.observe(index, output)
-        _add_usage(result.usage, tally.usage_fields(info.flops, _request_loops(request, info.plan)))
-        return result
-
-    return response
-
-
-def _with_requested_loops(sampling_params: Any) -> Any:
-    """The parameters, carrying the loop count the HTTP request asked for.
-
-    Where vLLM builds sampling parameters itself (beam search's per-step requests,
-    generative scoring, ...), the request's `vllm_xargs` never reach them; the count
-    the middleware checked (`REQUESTED_LOOPS`) is added to a copy, so every path runs
-    at the depth the request asked for.
-    """
-    import copy
-
-    from loopserve.server.http_guard import REQUESTED_LOOPS
-
-    requested = REQUESTED_LOOPS.get()
-    if requested is None or not isinstance(sampling_params, SamplingParams):
-        return sampling_params
-    extra = sampling_params.extra_args or {}
-    if LOOPS_KEY in extra:
-        return sampling_params
-    carried = copy.copy(sampling_params)
-    carried.extra_args = {**extra, LOOPS_KEY: requested}
-    return carried
-
-
-def _wrap_generate(original, info: Any):
-    from vllm.sampling_params import RequestOutputKind
-
-    from loopserve.server.metrics import loop_metrics
-
-    metrics = loop_metrics()
-
-    @functools.wraps(original)
-    def generate(prompt, sampling_params, request_id, *args, **kwargs):
-        sampling_params = _with_requested_loops(sampling_params)
-        stream = original(prompt, sampling_params, request_id, *args, **kwargs)
-        try:
-            loops = info.plan.loops_of(getattr(sampling_params, "extra_args", None))
-        except ValueError:
-            return stream  # the engine's own admission check answers this request
-        cumulative = getattr(sampling_params, "output_kind", None) == RequestOutputKind.CUMULATIVE
-        return metrics.track(stream, loops, info.flops, cumulative)
-
-    return generate
-
-
-def install_http_hooks(state: Any, engine_client: Any, info: Any) -> None:
-    """Loop fields in usage and loopserve metrics, on this API server's own objects."""
-    _check_http_hooked()
-    engine_client.generate = _wrap_generate(engine_client.generate, info)
-    completion = getattr(state, "openai_serving_completion", None)
-    if completion is not None:
-        completion.request_output_to_completion_response = _wrap_completion_response(
-            completion.request_output_to_completion_response, info
-        )
-        completion.completion_stream_generator = _wrap_stream(
-            completion.completion_stream_generator, info
-        )
-    chat = getattr(state, "openai_serving_chat", None)
-    if chat is not None:
-        chat.chat_completion_full_generator = _wrap_chat_full(
-            chat.chat_completion_full_generator, info
-        )
-        chat.chat_completion_stream_generator = _wrap_stream(
-            chat.chat_completion_stream_generator, info
-        )

@@ -40,6 +40,37 @@ def tiny_checkpoint(tmp_path_factory, model_path):
     return lambda architecture: make_tiny_checkpoint(architecture, root, model_path)
 
 
+# The shared server's options (`shared_server`), which its tests read back.
+SERVER_API_KEY = "test-key-123"
+SERVER_MAX_MODEL_LEN = 2048
+SERVER_DEFAULT_LOOPS = 3
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory, model_path):
+    """One `loopserve serve` on the default model for every HTTP test module
+    (test_server, test_bench, test_lm_eval). Eager: what these tests check (the HTTP
+    layer, usage, salts, metrics) does not depend on compilation, which costs minutes
+    per start here; test_engine runs the default model compiled, through the same hooks.
+
+    Its options are the union of what they need: an API key (the key checks), cached-token
+    counts and request-id headers, 2048 tokens (a 1041-token FLOPs check; a 3000-token
+    prompt is still refused), 64 streams at once, and default depth 3 rather than 1, so a
+    request that lost its `loops` on the way shows as loops="3" where a test sends 1 or 2.
+    Tests that stop a server start their own.
+    """
+    from loopserve.server.launcher import start_server
+
+    options = [
+        *("--api-key", SERVER_API_KEY, "--max-model-len", str(SERVER_MAX_MODEL_LEN)),
+        *("--default-loops", str(SERVER_DEFAULT_LOOPS), "--max-num-seqs", "64"),
+        *("--enable-prompt-tokens-details", "--enable-request-id-headers", "--enforce-eager"),
+    ]
+    server = start_server(options, str(tmp_path_factory.mktemp("shared-server") / "server.log"))
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def tokenizer(model_path):
     from transformers import AutoTokenizer
@@ -62,20 +93,29 @@ def stop_llm(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
-def segment_graphs(model) -> int:
-    """Graphs Dynamo compiled for loopserve's segments (prelude, block passes, coda).
-
-    Runs in the worker (`LLM.apply_model`).
+def compiled_segments(model) -> list[str]:
+    """loopserve's segments that run compiled: traced at start-up or loaded from vLLM's
+    compile cache (vLLM's decorator keeps one of the two). Runs in the worker
+    (`LLM.apply_model`).
     """
-    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    decoder = model._looped_decoder
+    if decoder is None:
+        return []
+    return [
+        type(segment).__name__
+        for segment in decoder.segments
+        if getattr(segment, "compiled", False) or getattr(segment, "aot_compiled_fn", None)
+    ]
 
-    from loopserve.server.loop_segments import CompiledSegment
 
-    return sum(
-        len(_debug_get_cache_entry_list(segment.code))
-        for segment in model._segments
-        if isinstance(segment, CompiledSegment)
-    )
+def cache_loaded_segments(model) -> list[str]:
+    """loopserve's segments loaded from vLLM's compile cache at start-up (worker side)."""
+    decoder = model._looped_decoder
+    return [
+        type(segment).__name__
+        for segment in (decoder.segments if decoder is not None else [])
+        if getattr(segment, "was_aot_compile_fn_loaded_from_disk", False)
+    ]
 
 
 @contextlib.contextmanager

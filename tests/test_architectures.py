@@ -1,21 +1,23 @@
 """Every supported architecture, looped through vLLM's own model class, in fp32.
 
 For each family (a tiny random checkpoint, `tiny_models.py`): k=1 == stock vLLM on the
-same checkpoint; k=2, 3 == the unrolled transformers model (the family's own HF layers
-listed out in execution order, no KV cache); a mixed-k batch == each solo run; a long
-prompt (longer than Gemma's sliding window) through chunked prefill == the oracle.
+same checkpoint (its tokens recorded in tests/oracles/ by `make oracles`); k=2, 3 == the
+unrolled transformers model (the family's own HF layers listed out in execution order, no
+KV cache); a mixed-k batch == each solo run; a long prompt (longer than Gemma's sliding
+window) through chunked prefill == the oracle.
 
 Qwen3 (fused hand-over, q/k norms) and Gemma-3 (PyTorch hand-over, alternating sliding
 and full attention) run at vLLM's default compilation, stock and looped alike, so their
 looped steps run compiled segments (test_engine.py covers Llama that way); the other
-families run with `enforce_eager` (both engines), which keeps this module's time down:
-compiling costs about 3 minutes per family here.
+families run with `enforce_eager` (looped engine and recorded stock run alike), which
+keeps this module's time down: compiling costs about 3 minutes per family here.
 """
 
 from __future__ import annotations
 
 import pytest
-from conftest import segment_graphs, start_llm, stop_llm
+from conftest import compiled_segments, start_llm, stop_llm
+from stock_oracles import StockRun, stock_tokens
 from tiny_models import BLOCK, FAMILIES, NUM_LAYERS, SLIDING_WINDOW
 
 pytestmark = pytest.mark.slow
@@ -42,22 +44,21 @@ def token_ids(outputs) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
+def stock_run(architecture: str) -> StockRun:
+    """Stock vLLM on the family's checkpoint, compiled as its looped engine is."""
+    return StockRun(architecture, tuple(PROMPTS), MAX_TOKENS, 512, architecture not in COMPILED)
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tiny_checkpoint):
-    """(architecture, checkpoint, stock vLLM's k=1 tokens, looped engine, oracle)."""
-    from vllm import LLM
-
+    """(architecture, stock vLLM's recorded k=1 tokens, looped engine, oracle)."""
     from loopserve.server.loop_plan import LoopPlan
     from loopserve.server.reference import UnrolledReference
 
     architecture = request.param
     path = tiny_checkpoint(architecture)
     eager = architecture not in COMPILED
-    stock = LLM(path, dtype="float32", max_model_len=512, seed=0, enforce_eager=eager)
-    try:
-        stock_k1 = token_ids(stock.generate(PROMPTS, greedy(1), use_tqdm=False))
-    finally:
-        stop_llm(stock)
+    stock_k1 = stock_tokens(stock_run(architecture), path)
     looped = start_llm(
         path,
         max_model_len=512,
@@ -126,6 +127,7 @@ def test_looped_steps_run_compiled_segments_when_compiling(family):
     """Compiled families compile their segments once, at start-up; eager ones never."""
     architecture, _, looped, _ = family
     looped.generate(PROMPTS[:1], greedy(2, max_tokens=2), use_tqdm=False)
-    [graphs] = looped.apply_model(segment_graphs)
-    # prelude, coda and one segment per block pass
-    assert graphs == (2 + MAX_LOOPS if architecture in COMPILED else 0)
+    [segments] = looped.apply_model(compiled_segments)
+    # prelude, pass 1, passes 2..K (one graph), coda
+    expected = ["LoopPrelude", "LoopFirstPass", "LoopLaterPass", "LoopCoda"]
+    assert segments == (expected if architecture in COMPILED else [])

@@ -1,8 +1,10 @@
 """`loopserve bench`: latency statistics, argument errors, and every command end to end.
 
-The end-to-end tests run the real command in-process (`loopserve.server.cli.main`) against one
-real server (scan starts its own, one per block); loads are tiny because only the plumbing,
-the file formats and the cross-checks are under test here. Accuracy statistics: test_stats.py.
+The end-to-end tests run the real command in-process (`loopserve.server.cli.main`) against
+the session's shared server (conftest `shared_server`); loads are tiny because only the
+plumbing, the file formats and the cross-checks are under test here. `bench scan` starts a
+server per block: its logic runs here on stubbed servers, for real in `make bench-smoke`.
+Accuracy statistics: test_stats.py.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ import re
 
 import httpx
 import pytest
+from conftest import SERVER_API_KEY as API_KEY
+from conftest import SERVER_DEFAULT_LOOPS
 
 from loopserve.benchmarks import report
 from loopserve.server.cli import main
 
 pytestmark = pytest.mark.slow
-
-API_KEY = "bench-key"
 
 ROW_KEYS = {
     "task",
@@ -141,16 +143,10 @@ def test_bad_dataset_fails_before_starting_a_server(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from loopserve.server.launcher import start_server
-
-    log = tmp_path_factory.mktemp("bench-server") / "server.log"
-    # Default depth 3, which no bench load here asks for: a request sent without `loops`
-    # (the baseline's) shows up in the server's metrics as loops="3".
-    options = ["--max-model-len", "2048", "--api-key", API_KEY, "--default-loops", "3"]
-    proc = start_server(options, str(log))
-    yield proc
-    proc.stop()
+def server(shared_server):
+    """The session's server, at default depth 3, which no `bench serve` load here asks for:
+    a request sent without `loops` (the baseline's) shows in its metrics as loops="3"."""
+    return shared_server
 
 
 def test_billed_flops_equal_torchs_count_on_the_reference_at_1024_tokens(server, model_path):
@@ -307,11 +303,57 @@ def test_bench_diagnose_hooks_see_every_executed_layer(tmp_path, reference, toke
     assert (tmp_path / "diagnose.png").stat().st_size > 10_000
 
 
-def test_bench_scan_starts_one_server_per_block(tmp_path):
+def test_bench_scan_runs_each_block_on_its_own_server(tmp_path, model_path, monkeypatch):
+    """The scan's own logic, with its servers stubbed (each answers as its block's plan;
+    `make bench-smoke` starts real ones): one server per block, each block's accuracy run
+    backs that block's cells, the table, full-scan estimate and heatmap come from them."""
+    from contextlib import contextmanager
+
+    from loopserve.benchmarks import accuracy, scan
+
+    started: list[list[str]] = []
+
+    @contextmanager
+    def server_for(options: list[str], log):
+        started.append(options)
+        yield "http://block-" + options[options.index("--loop-block") + 1]
+
+    def card(url: str, api_key: str | None) -> dict:
+        start, end = map(int, url.removeprefix("http://block-").split(":"))
+        plan = {"loop_block": [start, end], "max_loops": 2, "default_loops": 1}
+        return {"id": "stub", "num_layers": 30, **plan}
+
+    async def collect(url, api_key, model_id, examples, loops, concurrency, flops, path):
+        """Graded outcomes that differ by block and k, billed by the block's own plan."""
+        indexed = zip(examples, accuracy.item_indices(examples), strict=True)
+        return [
+            accuracy.Outcome(
+                task=example.task,
+                item=item,
+                loops=k,
+                output=example.answer,
+                answer=example.answer,
+                gold=example.answer,
+                correct=(item + k + flops.plan.start) % 3 == 0,
+                prompt_tokens=20,
+                completion_tokens=2,
+                total_flops=accuracy.request_flops(flops, k, 20, 2),
+            )
+            for example, item in indexed
+            for k in loops
+        ]
+
+    monkeypatch.setattr(scan, "started_server", server_for)
+    monkeypatch.setattr(accuracy, "model_card", card)
+    monkeypatch.setattr(accuracy, "collect", collect)
     argv = ["bench", "scan", "--blocks", "11:15,13:17", "--loops", "1,2"]
     argv += ["--tasks", "preschool_math,induction_copy", "--n", "2", "--dtype", "float32"]
     argv += ["--server-args", "--enforce-eager --max-model-len 1024", "--out", str(tmp_path)]
     assert main(argv) == 0
+    assert [o[o.index("--loop-block") + 1] for o in started] == ["11:15", "13:17"]
+    for options in started:
+        assert options[-3:] == ["--enforce-eager", "--max-model-len", "1024"]
+        assert options[options.index("--max-loops") + 1] == "2"
     data = json.loads((tmp_path / "scan.json").read_text())
     cells = [(r["block_start"], r["block_end"], r["loops"]) for r in data["rows"]]
     assert cells == [(11, 15, 1), (11, 15, 2), (13, 17, 1), (13, 17, 2)]
@@ -328,6 +370,8 @@ def test_bench_scan_starts_one_server_per_block(tmp_path):
         assert (plan["start"], plan["end"]) == (row["block_start"], row["block_end"])
         [mean] = [r for r in block["rows"] if r["task"] == "mean" and r["loops"] == row["loops"]]
         assert mean["accuracy"] == row["mean_accuracy"]
+        assert mean["flops_per_token"] == row["flops_per_token"]
+    assert len({r["mean_accuracy"] for r in data["rows"]}) > 1  # the cells are not one run's
     assert len(data["timings"]) == 2 and data["seconds"] > 0
     assert data["full_scan"]["blocks"] == 14  # 0:4 .. 26:30, stride 2
     assert data["full_scan"]["estimated_seconds"] == pytest.approx(data["seconds"] / 2 * 14)
@@ -425,10 +469,10 @@ def test_bench_serve_end_to_end_with_a_baseline(server, model_path, tmp_path):
     argv = ["bench", "serve", "--url", server.url, "--api-key", API_KEY, "--num-prompts", "6"]
     argv += ["--input-len", "16", "--output-len", "8", "--loops", "1,2", "--mixed"]
     argv += ["--concurrency", "3", "--baseline-url", server.url, "--baseline-api-key", API_KEY]
-    at_default = requests_at(server.url, 3)
+    at_default = requests_at(server.url, SERVER_DEFAULT_LOOPS)
     assert main([*argv, "--out", str(tmp_path)]) == 0
     # The baseline's ready check, warm-ups and 6 requests, and nothing else, ran at k=3.
-    assert requests_at(server.url, 3) - at_default == 1 + WARMUPS + 6
+    assert requests_at(server.url, SERVER_DEFAULT_LOOPS) - at_default == 1 + WARMUPS + 6
 
     result = json.loads((tmp_path / "serve.json").read_text())
     runs = {run["label"]: run for run in result["runs"]}

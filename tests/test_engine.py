@@ -1,7 +1,8 @@
 """The looped model inside a real vLLM engine, on the real default model, in fp32.
 
-Exactness is asserted as greedy token equality: against stock vLLM for k=1, against the
-unrolled transformers oracle for k>1, against solo runs for mixed batches.
+Exactness is asserted as greedy token equality: against stock vLLM's recorded tokens for
+k=1 (tests/oracles/, `make oracles`), against the unrolled transformers oracle for k>1,
+against solo runs for mixed batches.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import segment_graphs, start_llm, stop_llm
+from conftest import compiled_segments, start_llm, stop_llm
+from stock_oracles import StockRun, stock_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +36,8 @@ STORY = (
     "promise she had made to him. Then she saw a flare rise from the boat."
 )
 LONG_PROMPT = f"{STORY}\n\nThe next winter the same thing happened.\n\n{STORY} This time she"
+# Stock vLLM at its defaults (compiled) on the default model: test_k1_equals_stock_vllm.
+STOCK = StockRun("SmolLM2-135M-Instruct", tuple(PROMPTS), MAX_TOKENS, 1024, enforce_eager=False)
 
 
 def greedy(loops: int, max_tokens: int = MAX_TOKENS):
@@ -48,24 +52,15 @@ def token_ids(outputs) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def stock_k1(model_path):
-    """Stock vLLM (stock Llama, no plugin model) at its defaults (compiled), stopped after."""
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model_path, dtype="float32", max_model_len=1024, seed=0)
-    try:
-        outputs = llm.generate(
-            PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False
-        )
-        return token_ids(outputs)
-    finally:
-        stop_llm(llm)
+    """Stock vLLM's tokens (stock Llama, no plugin model, compiled), as recorded."""
+    return stock_tokens(STOCK, model_path)
 
 
 @pytest.fixture(scope="module")
 def looped(model_path):
     """vLLM's defaults (compiled), prefix caching on, 64-token steps (chunked prefill)."""
     llm = start_llm(model_path, max_num_batched_tokens=64)
-    [llm.segment_graphs_at_start] = llm.apply_model(segment_graphs)  # before any request
+    [llm.segments_at_start] = llm.apply_model(compiled_segments)  # before any request
     yield llm
     stop_llm(llm)
 
@@ -160,14 +155,17 @@ def _remove_count(model) -> None:
     model.loopserve_hook.remove()
 
 
+SEGMENTS = ["LoopPrelude", "LoopFirstPass", "LoopLaterPass", "LoopCoda"]
+
+
 def test_steps_run_compiled(looped):
     """k=1 steps run vLLM's compiled decoder; looped steps the segments compiled at start-up.
 
-    The segments are prelude, coda and one per block pass (4): six graphs, compiled by
-    the warm-up (before any request) and never again, whatever the batch (one row
-    included).
+    Four segments (prelude, pass 1, passes 2..K, coda) whatever `--max-loops` (4 here),
+    compiled by the warm-up before any request, and no Python-level layer call in any
+    later step, whatever the batch (one row included).
     """
-    [graphs_before] = looped.apply_model(segment_graphs)
+    [before] = looped.apply_model(compiled_segments)
     [compiled] = looped.apply_model(_count_prelude_calls)
     try:
         looped.generate(PROMPTS[:2], greedy(1), use_tqdm=False)
@@ -177,11 +175,11 @@ def test_steps_run_compiled(looped):
         [after_looped] = looped.apply_model(_prelude_calls)
     finally:
         looped.apply_model(_remove_count)
-    [graphs_after] = looped.apply_model(segment_graphs)
+    [after] = looped.apply_model(compiled_segments)
     assert compiled
     assert after_k1 == 0
     assert after_looped == 0
-    assert looped.segment_graphs_at_start == graphs_before == graphs_after == 6
+    assert looped.segments_at_start == before == after == SEGMENTS
 
 
 @pytest.mark.parametrize("bad", [99, 0, "2", 2.5, [3], True])
@@ -201,7 +199,7 @@ def test_bad_loops_through_vllm_fail_that_request_alone(looped, bad):
 def _forward_without_loop_counts(model) -> str:
     import torch
 
-    from loopserve.server.looped_model import MissingLoopCounts
+    from loopserve.server.loop_context import MissingLoopCounts
 
     try:
         model(torch.tensor([1, 2]), torch.tensor([0, 1]))
@@ -256,7 +254,7 @@ def test_triton_loop_step_in_the_engine(triton_interpreted, reference):
         )
     # --enforce-eager turns the segments' compilation off too: the layers run in Python
     # (which guards the counts in test_steps_run_compiled).
-    assert triton_interpreted.apply_model(segment_graphs) == [0]
+    assert triton_interpreted.apply_model(compiled_segments) == [[]]
     assert prelude_calls > 0
 
 

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.slow
 def test_engine_death_fails_the_stream_and_the_server_exits(tmp_path, model_path):
     from loopserve.server.launcher import start_server
 
-    server = start_server(["--max-model-len", "1024"], str(tmp_path / "server.log"))
+    # A server of its own, since the test ends it; eager, which starts faster.
+    options = ["--enforce-eager", "--max-model-len", "1024"]
+    server = start_server(options, str(tmp_path / "server.log"))
     try:
         [engine_core] = [
             p

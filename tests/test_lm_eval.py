@@ -1,19 +1,17 @@
-"""lm-eval's `local-completions` backend against a live server: generate and loglikelihood.
+"""`loopserve bench lm-eval` (lm-eval's harness, generate and loglikelihood requests) against
+the session's shared server, at each loop count.
 
 No dataset hub here, so the two tasks are written as lm-eval task configs over local
-JSONL files. `--gen_kwargs loops=2` reaches generate requests; lm-eval sends no
-gen_kwargs with loglikelihood requests, which run at the server's default loops.
+JSONL files.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
+from conftest import SERVER_API_KEY, SERVER_DEFAULT_LOOPS
 
 pytestmark = pytest.mark.slow
 
@@ -52,66 +50,22 @@ def requests_at(url: str, loops: int) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def test_lm_eval_generate_and_loglikelihood(tmp_path, model_path):
-    from loopserve.server.launcher import start_server
-
-    write_tasks(tmp_path)
-    server = start_server(["--max-model-len", "1024"], str(tmp_path / "server.log"))
-    try:
-        import httpx
-
-        name = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
-        env = {
-            **os.environ,
-            "HF_DATASETS_OFFLINE": "1",
-            "HF_HUB_OFFLINE": "1",
-            "OPENAI_API_KEY": "unused",
-        }
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "lm_eval",
-                "--model",
-                "local-completions",
-                "--model_args",
-                f"model={name},base_url={server.url}/v1/completions,tokenizer_backend=huggingface,"
-                f"tokenizer={model_path},num_concurrent=2,max_retries=1",
-                "--tasks",
-                "loopserve_arith_gen,loopserve_arith_ll",
-                "--include_path",
-                str(tmp_path),
-                "--gen_kwargs",
-                "loops=2",
-                "--output_path",
-                str(tmp_path / "out"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-        )
-        assert result.returncode == 0, result.stderr[-4000:]
-        [results_file] = list((tmp_path / "out").rglob("results_*.json"))
-        results = json.loads(results_file.read_text())["results"]
-        assert set(results) == {"loopserve_arith_gen", "loopserve_arith_ll"}
-        # Each generate request (one per question) carried loops=2; every loglikelihood
-        # one (one per question and choice) ran at the default depth, 1.
-        assert requests_at(server.url, 2) == len(QUESTIONS)
-        assert requests_at(server.url, 1) >= len(QUESTIONS) * 10
-    finally:
-        server.stop()
-
-
-def test_bench_lm_eval_runs_every_task_kind_at_each_k(tmp_path):
-    """`bench lm-eval`: one server per k, so loglikelihood requests run at k too."""
+def test_bench_lm_eval_runs_every_task_kind_at_each_k(tmp_path, shared_server):
+    """One server for every k: lm-eval sends `loops` with each request, loglikelihood ones
+    too (stock lm-eval sends none with those, and they would run at the default depth)."""
     from loopserve.server.cli import main
 
     write_tasks(tmp_path)
+    url = shared_server.url
+    before = {k: requests_at(url, k) for k in (1, 2, SERVER_DEFAULT_LOOPS)}
     out = tmp_path / "out"
-    argv = ["bench", "lm-eval", "--tasks", str(tmp_path), "--loops", "1,2", "--dtype", "float32"]
-    argv += ["--server-args", "--enforce-eager --max-model-len 1024", "--out", str(out)]
+    argv = ["bench", "lm-eval", "--url", url, "--api-key", SERVER_API_KEY]
+    argv += ["--tasks", str(tmp_path), "--loops", "1,2", "--out", str(out)]
     assert main(argv) == 0
+    ran = {k: requests_at(url, k) - at for k, at in before.items()}
+    # At each k, one generate request per question and one loglikelihood request per
+    # question and choice; none without `loops` (it would run at the default depth).
+    assert ran == {1: len(QUESTIONS) * 11, 2: len(QUESTIONS) * 11, SERVER_DEFAULT_LOOPS: 0}
     data = json.loads((out / "accuracy.json").read_text())
     rows = {(r["task"], r["loops"]): r for r in data["rows"]}
     tasks = ("loopserve_arith_gen", "loopserve_arith_ll")

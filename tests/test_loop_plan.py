@@ -26,7 +26,6 @@ def test_executed_layers_and_depth():
     assert plan.executed_layers(1) == [0, 1, 2, 3, 4, 5]
     assert plan.executed_layers(3) == [0, 1, 2, 3, 2, 3, 2, 3, 4, 5]
     assert plan.executed_depth(3) == 10
-    assert plan.num_attention_planes == 10
 
 
 @pytest.mark.parametrize(

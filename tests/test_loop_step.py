@@ -306,7 +306,7 @@ def test_rejects_mismatched_shapes() -> None:
 
 
 def test_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One decision point: env override first, then Triton on CUDA, torch otherwise."""
+    """Whether the block fuses: env first, then Triton on CUDA, the layer's own norm else."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv(ls.KERNEL_ENV, raising=False)
     assert ls.kernel_backend(cpu) == "torch"
@@ -318,29 +318,6 @@ def test_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ls.KERNEL_ENV, "cuda")
     with pytest.raises(ValueError, match=ls.KERNEL_ENV):
         ls.kernel_backend(cpu)
-
-
-@pytest.mark.parametrize("forced", [None, "torch", pytest.param("triton", marks=needs_interpreter)])
-def test_loop_step_routes(monkeypatch: pytest.MonkeyPatch, forced: str | None) -> None:
-    """`loop_step` calls the chosen implementation, and its result is that implementation's."""
-    if forced is None:
-        monkeypatch.delenv(ls.KERNEL_ENV, raising=False)
-    else:
-        monkeypatch.setenv(ls.KERNEL_ENV, forced)
-    called: list[str] = []
-    for name in ("loop_step_torch", "loop_step_triton"):
-        real = getattr(ls, name)
-
-        def spy(*args, _real=real, _name=name):
-            called.append(_name)
-            return _real(*args)
-
-        monkeypatch.setattr(ls, name, spy)
-    case = make_case(13, 9, 33, torch.float32, "some")
-    out = check(ls.loop_step, case)
-    expected = "loop_step_triton" if forced == "triton" else "loop_step_torch"
-    assert called[0] == expected
-    assert isinstance(out, LoopStepOutput)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the Triton tests ran in this process")

@@ -1,6 +1,6 @@
 """The looped model at tensor_parallel_size=2, run for real on vLLM's CPU backend.
 
-One core per rank (`VLLM_CPU_OMP_THREADS_BIND="0|1"`). Tiny checkpoints, since the
+One core per rank (`conftest.one_core_per_rank`). Tiny checkpoints, since the
 default model's 9 attention heads do not split in two: Qwen2 (QKV bias, fused add+norm
 hand-over) and Gemma-2 (sandwich norms, PyTorch hand-over, sliding windows). Every rank
 derives the same schedule from the same requests; the outputs must equal the unrolled
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import start_llm, stop_llm
+from conftest import one_core_per_rank, start_llm, stop_llm
 from test_architectures import LONG_PROMPT, PROMPTS, greedy
 from tiny_models import BLOCK, NUM_LAYERS
 
@@ -25,9 +25,7 @@ def tp2(request, tiny_checkpoint):
     from loopserve.server.reference import UnrolledReference
 
     path = tiny_checkpoint(request.param)
-    saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    try:
+    with one_core_per_rank():
         llm = start_llm(
             path,
             max_model_len=512,
@@ -36,11 +34,6 @@ def tp2(request, tiny_checkpoint):
             enforce_eager=True,
             tensor_parallel_size=2,
         )
-    finally:
-        if saved is None:
-            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND")
-        else:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
     yield llm, UnrolledReference(path, LoopPlan.for_model(NUM_LAYERS, BLOCK, 3))
     stop_llm(llm)
 

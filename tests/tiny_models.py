@@ -2,7 +2,9 @@
 
 Each is a few layers of the family's own transformers config, saved with
 `save_pretrained` beside the default model's tokenizer. Weights are drawn with a large
-std so greedy argmaxes do not flip on rounding; fp32 throughout.
+std so greedy argmaxes do not flip on rounding; fp32 throughout. The draw is seeded, so
+a checkpoint made on a clean clone equals the one stock vLLM's tokens were recorded on
+(`stock_oracles.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 NUM_LAYERS = 6
+SEED = 0
+VOCAB = 49152  # the default model's tokenizer
 # vLLM's CPU attention takes head_dim 32 and up (128 / 4 heads here).
 BLOCK = (1, 5)
 # Gemma's windows are short so the tests' long prompts cross them.
@@ -48,6 +52,13 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def recipe(architecture: str) -> dict[str, Any]:
+    """Everything `make_tiny_checkpoint` builds `architecture` from (oracles record it)."""
+    model_type, extra = FAMILIES[architecture]
+    config = {"vocab_size": VOCAB, "architectures": [architecture], **COMMON, **extra}
+    return {"model_type": model_type, "config": config, "seed": SEED, "dtype": "float32"}
+
+
 def make_tiny_checkpoint(architecture: str, root: Path, tokenizer_dir: str) -> str:
     """Create (once) and return the directory of a tiny `architecture` checkpoint."""
     import torch
@@ -56,13 +67,10 @@ def make_tiny_checkpoint(architecture: str, root: Path, tokenizer_dir: str) -> s
     target = root / architecture
     if (target / "config.json").is_file():
         return str(target)
-    model_type, extra = FAMILIES[architecture]
+    made = recipe(architecture)
     tokenizer_files = [p for p in Path(tokenizer_dir).iterdir() if "token" in p.name]
-    vocab = 49152  # the default model's tokenizer
-    config = AutoConfig.for_model(
-        model_type, vocab_size=vocab, architectures=[architecture], **{**COMMON, **extra}
-    )
-    torch.manual_seed(0)
+    config = AutoConfig.for_model(made["model_type"], **made["config"])
+    torch.manual_seed(made["seed"])
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(target)
     for path in tokenizer_files:
