@@ -21,6 +21,7 @@ Hand-over between passes, two exact paths:
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -99,12 +100,18 @@ def pass_attention(
     context = current_loop_context()
     schedule, p = context.schedule, context.pass_index
     assert schedule is not None and p >= 2, "pass attention runs inside a looped step"
-    plane = vllm_hooks.attention_layer(plane_names.split(",")[p - 2])
+    plane = vllm_hooks.attention_layer(_split_names(plane_names)[p - 2])
     if schedule.full_pass[p - 1]:
         return plane(query, key, value)
     return _subset_attention(
         plane, schedule.pass_rows[p - 1], schedule.num_tokens, query, key, value
     )
+
+
+@functools.cache
+def _split_names(plane_names: str) -> tuple[str, ...]:
+    """The plane names of one block layer, split once rather than at every call."""
+    return tuple(plane_names.split(","))
 
 
 def _subset_attention(
@@ -123,7 +130,7 @@ def _subset_attention(
 
 @pass_attention.register_fake
 def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plane_names: str):
-    plane = vllm_hooks.attention_layer(plane_names.split(",")[0])
+    plane = vllm_hooks.attention_layer(_split_names(plane_names)[0])
     return query.new_empty((query.shape[0], plane.num_heads * plane.head_size_v))
 
 
