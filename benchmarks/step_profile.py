@@ -3,8 +3,8 @@
 Same offline load as `engine_throughput` (default batch 16, 64 in / 64 out, vLLM's
 defaults). In the worker, loopserve's pieces are wrapped with wall-clock timers, which
 measure cost on the CPU, where every op runs synchronously:
-compiled prelude + coda segments, compiled block-pass segments, the pass attention's
-scatter/gather around a subset pass, vLLM's attention kernel (every layer and pass),
+compiled prelude + coda segments, compiled block-pass segments, vLLM's attention kernel
+(every layer and pass; a pass's planes see only the requests that run it),
 the loop step, the rest of the model's forward (embedding, final norm, row gathers),
 and the rest of the engine step (sampling, scheduling, inputs). Times are exclusive:
 a piece's time excludes the timed pieces inside it. Each load runs once untimed first;
@@ -32,7 +32,6 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 PIECES = (
     "prelude + coda segments",
     "block pass segments",
-    "pass attention scatter/gather",
     "attention kernel",
     "loop step",
     "rest of the forward",
@@ -88,9 +87,6 @@ def _instrument(model: Any) -> None:
             layers[i] = timers.wrap("prelude + coda segments", layer)
     block.first_pass = timers.wrap("block pass segments", block.first_pass)
     block.later_pass = timers.wrap("block pass segments", block.later_pass)
-    loop_passes._subset_attention = timers.wrap(
-        "pass attention scatter/gather", loop_passes._subset_attention
-    )
     loop_passes.loop_step_triton = timers.wrap("loop step", loop_passes.loop_step_triton)
     impls = {id(m.impl): m.impl for m in model.modules() if isinstance(m, Attention)}
     for impl in impls.values():

@@ -65,6 +65,11 @@ def looping(token_loops: np.ndarray | int) -> Iterator[LoopContext]:
         _current.reset(token)
 
 
+def active_loop_context() -> LoopContext | None:
+    """The running step's context, if a hook published one (None between steps)."""
+    return _current.get()
+
+
 def current_loop_context() -> LoopContext:
     """The running step's context; refused when no runner hook published one."""
     context = _current.get()

@@ -35,6 +35,7 @@ from loopserve.kernels.loop_step import kernel_backend, loop_step_triton
 from loopserve.server import vllm_hooks
 from loopserve.server.loop_context import current_loop_context
 from loopserve.server.loop_segments import LayerCall
+from loopserve.server.pass_kv import PassAttentionSpec
 
 
 def _attention_path(layer: nn.Module) -> tuple[list[str], Attention]:
@@ -49,17 +50,29 @@ def _attention_path(layer: nn.Module) -> tuple[list[str], Attention]:
     return path.split("."), module
 
 
-def attention_plane(layer: nn.Module, virtual_index: int, vllm_config: Any) -> Attention:
-    """The layer's `Attention` under the name of virtual layer `virtual_index`.
+def attention_plane(
+    layer: nn.Module, loop_pass: int, virtual_index: int, vllm_config: Any
+) -> Attention:
+    """The layer's `Attention` for pass `loop_pass`, under the name of virtual layer
+    `virtual_index`.
 
     A pass attends exactly as the layer's first pass does (same implementation,
-    settings and parameters); only the name, hence the KV cache vLLM binds, differs.
+    settings and parameters); only the name, hence the KV cache vLLM binds, and the
+    KV-cache spec (`PassAttentionSpec`: KV held by deep requests only) differ.
     """
     _, base = _attention_path(layer)
     name, count = re.subn(r"\.layers\.\d+\.", f".layers.{virtual_index}.", base.layer_name, count=1)
     if count != 1:
         raise ValueError(f"cannot derive a pass layer name from {base.layer_name!r}")
-    return vllm_hooks.attention_under_name(base, name, vllm_config)
+    plane = vllm_hooks.attention_under_name(base, name, vllm_config)
+    # vLLM's runner asks each attention layer for its spec (`get_kv_cache_spec`).
+    plane.get_kv_cache_spec = functools.partial(_plane_kv_spec, base, loop_pass)
+    return plane
+
+
+def _plane_kv_spec(base: Attention, loop_pass: int, vllm_config: Any) -> PassAttentionSpec:
+    block_size = vllm_config.cache_config.block_size
+    return PassAttentionSpec.of_layer(base.get_kv_cache_spec(vllm_config), loop_pass, block_size)
 
 
 class PassAttention(nn.Module):
@@ -92,40 +105,21 @@ def pass_attention(
 ) -> torch.Tensor:
     """The running pass's attention through its plane, on that pass's rows.
 
-    The step's attention metadata describes every row of the batch, so a subset's q/k/v
-    are scattered into zeros and the other rows' outputs dropped. Their K/V land in
-    this plane at their slots, which their requests never read (they did not ask for
-    this pass).
+    vLLM built each plane's attention metadata and slot mapping for the requests that
+    run its pass only (the engine hooks narrow them per step), so the rows given here
+    are the whole batch the plane sees: the other requests cost it nothing and write
+    nothing.
     """
     context = current_loop_context()
-    schedule, p = context.schedule, context.pass_index
-    assert schedule is not None and p >= 2, "pass attention runs inside a looped step"
-    plane = vllm_hooks.attention_layer(_split_names(plane_names)[p - 2])
-    if schedule.full_pass[p - 1]:
-        return plane(query, key, value)
-    return _subset_attention(
-        plane, schedule.pass_rows[p - 1], schedule.num_tokens, query, key, value
-    )
+    assert context.schedule is not None and context.pass_index >= 2, "runs in a looped step"
+    plane = vllm_hooks.attention_layer(_split_names(plane_names)[context.pass_index - 2])
+    return plane(query, key, value)
 
 
 @functools.cache
 def _split_names(plane_names: str) -> tuple[str, ...]:
     """The plane names of one block layer, split once rather than at every call."""
     return tuple(plane_names.split(","))
-
-
-def _subset_attention(
-    plane: Attention,
-    rows: torch.Tensor,
-    num_tokens: int,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-) -> torch.Tensor:
-    q, k, v = (
-        t.new_zeros((num_tokens, *t.shape[1:])).index_copy_(0, rows, t) for t in (query, key, value)
-    )
-    return plane(q, k, v).index_select(0, rows)
 
 
 @pass_attention.register_fake

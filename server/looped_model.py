@@ -14,7 +14,8 @@ rotary, norms and compiled forward, unchanged) and changes what one step runs:
 Exactness with the unrolled model needs one KV plane per executed (layer, pass): pass
 p >= 2 of block layer i attends through a copy of that layer's own `Attention`,
 registered under the virtual layer index (p - 1) * L + i, so vLLM allocates and binds
-a cache for it as for any other layer.
+a cache for it as for any other layer, in KV-cache groups of pass p held only by the
+requests that run pass p (`pass_kv`).
 
 Under pipeline parallelism the block lies inside one stage (`vllm_hooks` refuses a
 block across a stage boundary); that stage loops it and holds its planes, every other
@@ -66,7 +67,7 @@ class LoopedCausalLM:
         self.loop_attention = nn.ModuleList(
             PassAttention(
                 [
-                    attention_plane(layer, (p - 1) * plan.num_layers + index, vllm_config)
+                    attention_plane(layer, p, (p - 1) * plan.num_layers + index, vllm_config)
                     for p in range(2, plan.max_loops + 1)
                 ]
             )
@@ -79,6 +80,14 @@ class LoopedCausalLM:
             splitting_ops.append(PASS_ATTENTION_OP)
         self._vllm_config = vllm_config
         self._looped_decoder: _LoopedDecoder | None = None
+
+    def pass_planes(self) -> dict[str, int]:
+        """Each attention plane's layer name, and the pass it serves."""
+        return {
+            plane.layer_name: loop_pass
+            for attention in self.loop_attention
+            for loop_pass, plane in enumerate(attention.planes, start=2)
+        }
 
     def looped_decoder(self) -> _LoopedDecoder:
         """The decoder as looped steps run it; built at the first looped dummy run.

@@ -23,8 +23,19 @@ wrong.
    step replays no CUDA graph (the captured ones hold k=1's layer order).
 3. Engine core (`EngineCore.preprocess_add_request`): every request's prefix-cache salt
    leads with the plan and its resolved depth (`loop_cache_salt`), so KV computed at one
-   depth or under one plan is never reused at another.
-4. Registry: `ModelRegistry.register_model` (public) for `Looped<Arch>` of every
+   depth or under one plan is never reused at another; the request's depth is recorded
+   for the KV managers of the pass groups (`pass_kv.request_depths`).
+4. KV by depth (`pass_kv`): vLLM's KV-cache spec registry (`KVCacheSpecRegistry`)
+   gets the pass planes' spec and its manager, which subclasses vLLM's
+   `FullAttentionManager` and overrides how many blocks a request needs, allocation
+   and prefix lookup; `KVCacheManager.get_computed_blocks` is wrapped so the lookup
+   knows whose prefix it looks up. Once the KV cache is laid out (`initialize_kv_cache`)
+   a layout where passes share groups is refused, the capacity per depth logged, and
+   each pass group's `AttentionGroup.build_metadata` wrapped so that its attention
+   metadata describes only the requests that run the pass (`_requests_subset` narrows
+   vLLM's `CommonAttentionMetadata`); the step hook (2) narrows the planes' slot
+   mappings in the forward context to the same rows.
+5. Registry: `ModelRegistry.register_model` (public) for `Looped<Arch>` of every
    supported architecture; `vllm_model_class` finds vLLM's own class for `<Arch>`.
 """
 
@@ -40,7 +51,7 @@ import numpy as np
 import torch
 import vllm
 
-from loopserve.server.loop_context import looping
+from loopserve.server.loop_context import active_loop_context, looping
 from loopserve.server.loop_plan import (
     LOOPED_PREFIX,
     SUPPORTED_ARCHITECTURES,
@@ -53,7 +64,8 @@ from loopserve.server.loop_plan import (
 SUPPORTED_VLLM = "0.32."
 MODEL_MODULE = "loopserve.server.looped_model"
 
-logger = logging.getLogger("loopserve")
+# Under vLLM's logger, so the messages show where vLLM's do.
+logger = logging.getLogger("vllm.loopserve")
 
 if not vllm.__version__.startswith(SUPPORTED_VLLM):
     raise ImportError(
@@ -70,10 +82,37 @@ from vllm.model_executor.models.config import (  # noqa: E402
     VerifyAndUpdateConfig,
 )
 from vllm.sampling_params import SamplingParams  # noqa: E402
+from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
+from vllm.v1.core.kv_cache_manager import KVCacheManager  # noqa: E402
+from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager  # noqa: E402
 from vllm.v1.engine.core import EngineCore  # noqa: E402
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry  # noqa: E402
 from vllm.v1.worker.gpu_input_batch import CachedRequestState  # noqa: E402
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402
+from vllm.v1.worker.utils import AttentionGroup  # noqa: E402
 
+from loopserve.server import pass_kv  # noqa: E402
+
+# The per-batch attention metadata a pass's sub-batch narrows (`_requests_subset`),
+# and what it does not narrow: none of that is set for the looped (text,
+# decoder-only) families.
+_NARROWED_FIELDS = (
+    "query_start_loc_cpu",
+    "seq_lens_cpu_upper_bound",
+    "block_table_tensor",
+    "slot_mapping",
+    "positions",
+    "is_prefilling",
+    "req_idx",
+)
+_UNNARROWED_FIELDS = (
+    "logits_indices_padded",
+    "encoder_seq_lens",
+    "dcp_local_seq_lens",
+    "mm_req_doc_ranges",
+    "rswa_prefix_lens",
+    "replayssm_decode_base_cpu",
+)
 for _owner, _name in (
     (GPUModelRunner, "_model_forward"),
     (GPUModelRunner, "_dummy_run"),
@@ -81,6 +120,13 @@ for _owner, _name in (
     (GPUModelRunner, "get_model"),
     (EngineCore, "preprocess_add_request"),
     (ModelRegistry, "_try_load_model_cls"),
+    (KVCacheManager, "get_computed_blocks"),
+    (AttentionGroup, "build_metadata"),
+    (KVCacheSpecRegistry, "_ensure_registered"),
+    (KVCacheSpecRegistry, "register"),
+    (SingleTypeKVCacheManager, "get_num_blocks_to_allocate"),
+    (SingleTypeKVCacheManager, "allocate_new_blocks"),
+    (SingleTypeKVCacheManager, "find_longest_cache_hit"),
 ):
     if not hasattr(_owner, _name):
         raise ImportError(
@@ -89,6 +135,9 @@ for _owner, _name in (
         )
 for _owner, _field in (
     (ForwardContext, "cudagraph_runtime_mode"),
+    (ForwardContext, "slot_mapping"),
+    *((CommonAttentionMetadata, name) for name in (*_NARROWED_FIELDS, *_UNNARROWED_FIELDS)),
+    (AttentionGroup, "metadata_builders"),
     (CachedRequestState, "sampling_params"),
     (SamplingParams, "extra_args"),
 ):
@@ -250,6 +299,12 @@ class LoopedModelConfig(VerifyAndUpdateConfig):
                 "loopserve: the looped model needs vLLM's V1 model runner, and a feature of "
                 "this configuration (HiSparse attention or watermarking) forces V2"
             )
+        if vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+            raise ValueError(
+                "loopserve: --disable-hybrid-kv-cache-manager puts every pass's KV in one "
+                "group, so every request would hold KV for the deepest depth; a looped "
+                "model needs vLLM's hybrid KV-cache manager"
+            )
         model_config = vllm_config.model_config
         plan = plan_from_hf_config(model_config.hf_config)
         _check_block_inside_one_stage(plan, vllm_config.parallel_config.pipeline_parallel_size)
@@ -272,23 +327,113 @@ def _looped_model(runner: Any) -> Any | None:
     return model if hasattr(model, "looped_decoder") and hasattr(model, "loop_plan") else None
 
 
-def _step_token_loops(runner: Any, plan: LoopPlan, num_tokens: int) -> np.ndarray:
-    """Per-token loop counts of the scheduled batch, padding rows at 1."""
+def _step_request_loops(runner: Any, plan: LoopPlan) -> np.ndarray:
+    """Loop count of each scheduled request, in the batch's order."""
     try:
         num_reqs = runner.input_batch.num_reqs
-        per_request = [
-            plan.loops_of(runner.requests[req_id].sampling_params.extra_args)
-            for req_id in runner.input_batch.req_ids[:num_reqs]
-        ]
-        counts = np.diff(runner.query_start_loc.np[: num_reqs + 1])
+        return np.array(
+            [
+                plan.loops_of(runner.requests[req_id].sampling_params.extra_args)
+                for req_id in runner.input_batch.req_ids[:num_reqs]
+            ],
+            dtype=np.int64,
+        )
     except AttributeError as error:
         raise RuntimeError(
             f"loopserve's step hook does not fit vLLM {vllm.__version__}'s model runner: "
-            f"{error}; check vllm_hooks._step_token_loops against this release"
+            f"{error}; check vllm_hooks._step_request_loops against this release"
         ) from error
+
+
+def _step_token_loops(runner: Any, plan: LoopPlan, num_tokens: int) -> np.ndarray:
+    """Per-token loop counts of the scheduled batch, padding rows at 1."""
+    per_request = _step_request_loops(runner, plan)
+    counts = np.diff(runner.query_start_loc.np[: len(per_request) + 1])
     token_loops = np.ones(num_tokens, dtype=np.int64)
     token_loops[: int(counts.sum())] = np.repeat(per_request, counts)
     return token_loops
+
+
+def _requests_subset(common: CommonAttentionMetadata, requests: np.ndarray) -> Any:
+    """vLLM's per-batch attention metadata narrowed to `requests` (indices, in order)
+    and their tokens: what a pass run by those requests alone attends over."""
+    unsupported = [name for name in _UNNARROWED_FIELDS if getattr(common, name) is not None]
+    if unsupported or not isinstance(common.causal, bool):
+        raise RuntimeError(
+            f"loopserve cannot narrow attention metadata carrying {unsupported or 'causal'}"
+        )
+    starts = common.query_start_loc_cpu.numpy()
+    query_lens = np.diff(starts)[requests]
+    tokens = np.concatenate([np.arange(starts[r], starts[r + 1]) for r in requests])
+    sub_starts = torch.from_numpy(np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32))
+    device = common.seq_lens.device
+    on_device = torch.from_numpy(requests).to(device)
+    token_index = torch.from_numpy(tokens).to(device)
+    bound = common.seq_lens_cpu_upper_bound
+    return common.replace(
+        query_start_loc=sub_starts.to(device),
+        query_start_loc_cpu=sub_starts,
+        seq_lens=common.seq_lens[on_device],
+        seq_lens_cpu_upper_bound=None if bound is None else bound[torch.from_numpy(requests)],
+        num_reqs=len(requests),
+        num_actual_tokens=len(tokens),
+        max_query_len=int(query_lens.max()),
+        block_table_tensor=common.block_table_tensor[on_device],
+        slot_mapping=common.slot_mapping[token_index],
+        positions=None if common.positions is None else common.positions[token_index],
+        is_prefilling=(
+            None if common.is_prefilling is None else common.is_prefilling[on_device.cpu()]
+        ),
+        req_idx=None if common.req_idx is None else common.req_idx[requests],
+        _num_computed_tokens_cache=None,
+        _token_to_req_indices_cache=None,
+    )
+
+
+def _narrowed_to_pass(runner: Any, plan: LoopPlan, loop_pass: int, build: Any) -> Any:
+    """A pass group's `AttentionGroup.build_metadata` that describes only the requests
+    that run that pass, when some do not."""
+
+    @functools.wraps(build)
+    def build_metadata(common: Any, *args: Any, **kwargs: Any) -> Any:
+        # Dummy runs (inside `looping`) run every row the same number of passes.
+        if active_loop_context() is None:
+            deep = np.flatnonzero(_step_request_loops(runner, plan) >= loop_pass)
+            if 0 < len(deep) < common.num_reqs:
+                common = _requests_subset(common, deep)
+        return build(common, *args, **kwargs)
+
+    return build_metadata
+
+
+def _narrow_pass_slots(model: Any, token_loops: np.ndarray, device: torch.device) -> None:
+    """Point each pass's planes at the slots of the rows that run that pass, so K/V
+    are written for those rows only (the step's forward context holds one slot mapping
+    per layer name, rebuilt every step)."""
+    slots = get_forward_context().slot_mapping
+    for loop_pass, names in _names_by_pass(model).items():
+        rows = np.flatnonzero(token_loops >= loop_pass)
+        if len(rows) in (0, len(token_loops)):
+            continue
+        index = torch.from_numpy(rows).to(device)
+        narrowed: dict[int, torch.Tensor] = {}
+        for name in names:
+            full = slots[name]
+            if id(full) not in narrowed:
+                narrowed[id(full)] = full.index_select(0, index)
+            slots[name] = narrowed[id(full)]
+
+
+@functools.cache
+def _names_by_pass_of(planes: tuple[tuple[str, int], ...]) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, loop_pass in planes:
+        names.setdefault(loop_pass, []).append(name)
+    return names
+
+
+def _names_by_pass(model: Any) -> dict[int, list[str]]:
+    return _names_by_pass_of(tuple(model.pass_planes().items()))
 
 
 def _wrap_model_forward(original):
@@ -302,6 +447,8 @@ def _wrap_model_forward(original):
             if token_loops.max(initial=1) > 1:
                 # A captured CUDA graph would replay the k=1 forward it captured.
                 get_forward_context().cudagraph_runtime_mode = CUDAGraphMode.NONE
+                if model.holds_block:
+                    _narrow_pass_slots(model, token_loops, positions.device)
             return original(self, input_ids, positions, *args, **kwargs)
 
     return _model_forward
@@ -309,17 +456,54 @@ def _wrap_model_forward(original):
 
 def _wrap_initialize_kv_cache(original):
     @functools.wraps(original)
-    def initialize_kv_cache(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
+    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
+        result = original(self, kv_cache_config, *args, **kwargs)
         model = _looped_model(self)
         if model is not None:
             # Once at start-up, with the batch as steps will see it: reading its (empty)
             # loop counts as a real step does makes a runner that no longer fits refuse
             # to start instead of failing the first request.
             _step_token_loops(self, model.loop_plan, 0)
+            if model.holds_block:
+                _set_up_pass_groups(self, model, kv_cache_config)
         return result
 
     return initialize_kv_cache
+
+
+def _set_up_pass_groups(runner: Any, model: Any, kv_cache_config: Any) -> None:
+    """Refuse a layout where passes share KV groups; make each pass group's attention
+    metadata describe the requests that run the pass; log what the pool holds per depth."""
+    groups = kv_cache_config.kv_cache_groups
+    group_passes = pass_kv.check_groups(groups, model.pass_planes())
+    plan = model.loop_plan
+    for group_id, loop_pass in enumerate(group_passes):
+        if loop_pass == 1:
+            continue
+        for attention_group in runner.attn_groups[group_id]:
+            if group_passes.count(loop_pass) > 1 and any(
+                builder.supports_update_block_table for builder in attention_group.metadata_builders
+            ):
+                # vLLM would reuse one group's metadata for the next with the full
+                # batch's block table.
+                raise RuntimeError(
+                    f"loopserve: pass {loop_pass}'s planes span "
+                    f"{group_passes.count(loop_pass)} KV-cache groups under an attention "
+                    "backend that shares metadata across groups; choose a smaller block"
+                )
+            attention_group.build_metadata = _narrowed_to_pass(
+                runner, plan, loop_pass, attention_group.build_metadata
+            )
+    tokens = pass_kv.tokens_per_depth(
+        kv_cache_config.num_blocks, groups[0].kv_cache_spec.block_size, group_passes, plan.max_loops
+    )
+    logger.info(
+        "loopserve: the KV pool holds, in tokens, %s (loops=1: %d KV-cache groups; each "
+        "pass above 1: %d more)",
+        ", ".join(f"{count} at loops={k}" for k, count in tokens.items()),
+        group_passes.count(1),
+        group_passes.count(2),
+    )
 
 
 def _wrap_dummy_run(original):
@@ -346,13 +530,25 @@ def _wrap_preprocess_add_request(original):
     @functools.wraps(original)
     def preprocess_add_request(self, request):
         plan = looped_plan(self.vllm_config.model_config)
-        if plan is not None:
-            params = request.sampling_params
-            loops = plan.loops_of(params.extra_args if params is not None else None)
-            request.cache_salt = loop_cache_salt(plan, loops, request.cache_salt)
-        return original(self, request)
+        if plan is None:
+            return original(self, request)
+        params = request.sampling_params
+        loops = plan.loops_of(params.extra_args if params is not None else None)
+        request.cache_salt = loop_cache_salt(plan, loops, request.cache_salt)
+        result = original(self, request)
+        pass_kv.request_depths.add(result[0], loops)
+        return result
 
     return preprocess_add_request
+
+
+def _wrap_get_computed_blocks(original):
+    @functools.wraps(original)
+    def get_computed_blocks(self, request):
+        with pass_kv.request_depths.looking_up(request.request_id):
+            return original(self, request)
+
+    return get_computed_blocks
 
 
 _installed = False
@@ -375,5 +571,16 @@ def register() -> None:
     )
     EngineCore.preprocess_add_request = _wrap_preprocess_add_request(
         EngineCore.preprocess_add_request
+    )
+    KVCacheManager.get_computed_blocks = _wrap_get_computed_blocks(
+        KVCacheManager.get_computed_blocks
+    )
+    # vLLM registers its own specs on first use, only while the registry is empty:
+    # register them first, then the pass planes' spec.
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(
+        pass_kv.PassAttentionSpec,
+        pass_kv.PassKVManager,
+        uniform_type_base_spec=pass_kv.PassAttentionSpec,
     )
     _installed = True

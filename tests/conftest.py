@@ -78,15 +78,16 @@ def tokenizer(model_path):
     return AutoTokenizer.from_pretrained(model_path)
 
 
-def start_llm(model_path: str, **config):
-    """A vLLM `LLM` on the looped model (the offline API, same plugin and hooks)."""
+def start_llm(model_path: str, vllm_options: dict | None = None, **config):
+    """A vLLM `LLM` on the looped model (the offline API, same plugin and hooks);
+    `vllm_options` go to vLLM as they are."""
     from vllm import LLM
 
     from loopserve.server.engine import EngineConfig, vllm_engine_kwargs
 
     config = {"dtype": "float32", "max_model_len": 1024, **config}
     kwargs, _ = vllm_engine_kwargs(EngineConfig(model=model_path, **config))
-    return LLM(**kwargs)
+    return LLM(**kwargs, **(vllm_options or {}))
 
 
 def stop_llm(llm) -> None:

@@ -30,6 +30,7 @@ def engine_config(model_path: str, loop_block: tuple[int, int] | None = None, **
         ({"enable_dbo": True}, "dual-batch overlap"),
         ({"runner": "pooling"}, "a pooling runner"),
         ({"kv_offloading_size": 1.0}, "KV connectors and KV offloading"),
+        ({"disable_hybrid_kv_cache_manager": True}, "--disable-hybrid-kv-cache-manager puts"),
         (
             {"kv_transfer_config": {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}},
             "KV connectors and KV offloading",
