@@ -10,15 +10,19 @@ A k=1 request then holds blocks in the model's own groups only, a k-deep one in 
 and in the groups of passes 2..k; admission and preemption count exactly that, since
 vLLM's scheduler asks the managers how many blocks a request needs.
 
-A shallow request's rows in a pass group's block table are vLLM's null block: the
-table stays as long as in every other group, and a row that does not run the pass can
-only ever write to the null block, never through a stale entry into another request's
-blocks. Its prefix-cache lookups in that group hit "everything" (null blocks), so the
-lookup across groups is decided by the groups the request does hold.
+A shallow request's rows in a pass group's block table are vLLM's null block, so the
+table is as long as in every other group and can never point into another request's
+blocks; the request writes nothing there (a pass's attention metadata and slots cover
+only the requests that run it, `vllm_hooks`). Its prefix-cache lookups in that group
+hit "everything" (null blocks), so the groups it does hold decide its hit.
 
 A pass plane attends exactly as its layer does (windows, softcaps are the layer's own);
 its KV is allocated for every token even on sliding-window layers, which vLLM would
 recycle outside the window: exact, and simple, at the cost of that recycling.
+
+Part of loopserve's engine hooks: the methods overridden here are checked in
+`vllm_hooks` at import, the base-class state read here when the engine core builds its
+managers.
 """
 
 from __future__ import annotations
@@ -127,6 +131,21 @@ class PassKVManager(FullAttentionManager):
     for the others."""
 
     kv_cache_spec: PassAttentionSpec
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # What this manager reads of its base class's state; checked when the engine
+        # core builds its managers, at start-up.
+        missing = [
+            name
+            for name in ("req_to_blocks", "_null_block", "block_size")
+            if not hasattr(self, name)
+        ]
+        if missing:
+            raise RuntimeError(
+                f"loopserve: vLLM's single-type KV manager has no {', '.join(missing)}; "
+                "pass_kv.PassKVManager does not fit this release"
+            )
 
     def _skipped_by(self, request_id: str) -> bool:
         return request_depths.of(request_id) < self.kv_cache_spec.loop_pass
