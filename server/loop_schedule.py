@@ -26,7 +26,6 @@ class LoopSchedule:
     p+2, or -1) and `num_next[p]` are the same hand-over in the loop-step kernel's terms.
     """
 
-    num_tokens: int
     max_loops: int
     pass_rows: list[torch.Tensor] = field(default_factory=list)
     full_pass: list[bool] = field(default_factory=list)
@@ -43,7 +42,7 @@ class LoopSchedule:
         if n and int(loops.min()) < 1:
             raise ValueError(f"every token needs a loop count >= 1, got {int(loops.min())}")
         max_loops = int(loops.max()) if n else 1
-        schedule = cls(n, max_loops)
+        schedule = cls(max_loops)
         if max_loops == 1:
             return schedule
 

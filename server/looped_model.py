@@ -73,6 +73,12 @@ class LoopedCausalLM:
             )
             for index, layer in enumerate(block, start=plan.start)
         )
+        # Each plane's layer name, and the pass it serves.
+        self.pass_planes: dict[str, int] = {
+            plane.layer_name: loop_pass
+            for attention in self.loop_attention
+            for loop_pass, plane in enumerate(attention.planes, start=2)
+        }
         splitting_ops = vllm_config.compilation_config.splitting_ops
         if splitting_ops and PASS_ATTENTION_OP not in splitting_ops:
             # Piecewise compilation (CUDA) splits graphs at attention: the pass
@@ -80,14 +86,6 @@ class LoopedCausalLM:
             splitting_ops.append(PASS_ATTENTION_OP)
         self._vllm_config = vllm_config
         self._looped_decoder: _LoopedDecoder | None = None
-
-    def pass_planes(self) -> dict[str, int]:
-        """Each attention plane's layer name, and the pass it serves."""
-        return {
-            plane.layer_name: loop_pass
-            for attention in self.loop_attention
-            for loop_pass, plane in enumerate(attention.planes, start=2)
-        }
 
     def looped_decoder(self) -> _LoopedDecoder:
         """The decoder as looped steps run it; built at the first looped dummy run.

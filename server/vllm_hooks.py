@@ -409,31 +409,21 @@ def _narrowed_to_pass(runner: Any, plan: LoopPlan, loop_pass: int, build: Any) -
 def _narrow_pass_slots(model: Any, token_loops: np.ndarray, device: torch.device) -> None:
     """Point each pass's planes at the slots of the rows that run that pass, so K/V
     are written for those rows only (the step's forward context holds one slot mapping
-    per layer name, rebuilt every step)."""
+    per layer name, rebuilt every step; a group's layers share one)."""
     slots = get_forward_context().slot_mapping
-    for loop_pass, names in _names_by_pass(model).items():
-        rows = np.flatnonzero(token_loops >= loop_pass)
-        if len(rows) in (0, len(token_loops)):
-            continue
-        index = torch.from_numpy(rows).to(device)
-        narrowed: dict[int, torch.Tensor] = {}
-        for name in names:
+    rows_of: dict[int, torch.Tensor | None] = {}
+    narrowed: dict[int, torch.Tensor] = {}
+    for name, loop_pass in model.pass_planes.items():
+        if loop_pass not in rows_of:
+            rows = np.flatnonzero(token_loops >= loop_pass)
+            whole = len(rows) in (0, len(token_loops))
+            rows_of[loop_pass] = None if whole else torch.from_numpy(rows).to(device)
+        index = rows_of[loop_pass]
+        if index is not None:
             full = slots[name]
             if id(full) not in narrowed:
                 narrowed[id(full)] = full.index_select(0, index)
             slots[name] = narrowed[id(full)]
-
-
-@functools.cache
-def _names_by_pass_of(planes: tuple[tuple[str, int], ...]) -> dict[int, list[str]]:
-    names: dict[int, list[str]] = {}
-    for name, loop_pass in planes:
-        names.setdefault(loop_pass, []).append(name)
-    return names
-
-
-def _names_by_pass(model: Any) -> dict[int, list[str]]:
-    return _names_by_pass_of(tuple(model.pass_planes().items()))
 
 
 def _wrap_model_forward(original):
@@ -475,7 +465,7 @@ def _set_up_pass_groups(runner: Any, model: Any, kv_cache_config: Any) -> None:
     """Refuse a layout where passes share KV groups; make each pass group's attention
     metadata describe the requests that run the pass; log what the pool holds per depth."""
     groups = kv_cache_config.kv_cache_groups
-    group_passes = pass_kv.check_groups(groups, model.pass_planes())
+    group_passes = pass_kv.check_groups(groups, model.pass_planes)
     plan = model.loop_plan
     for group_id, loop_pass in enumerate(group_passes):
         if loop_pass == 1:
