@@ -207,6 +207,8 @@ class LoopedBlock:
         context = current_loop_context()
         schedule = context.schedule
         assert schedule is not None, "LoopedBlock runs only inside a looped forward"
+        if schedule.max_loops == 1:
+            return self.first_pass(positions, hidden_states, residual, **kwargs)
         fused = self.fused_entry
         out: tuple[torch.Tensor, torch.Tensor] | None = None
         h, r = hidden_states, residual

@@ -4,7 +4,8 @@ vLLM flattens every scheduled token of every request into one batch; each token 
 its request's loop count k. The schedule is computed once per step on the host (the
 counts are known before the forward), so the pass loop only gathers rows by precomputed
 indices. A step whose tokens all run k=1 needs no tensors at all: `build` returns a
-schedule without them, and the model takes vLLM's own (compiled) forward.
+schedule without them, and the model runs the block once (`LoopedCausalLM.forward` says
+through which graph).
 """
 
 from __future__ import annotations

@@ -4,9 +4,13 @@ loopserve owns only the order in which layers run. For each supported architectu
 `Looped<Arch>` subclasses vLLM's `<Arch>` (its layers, weight loading, quantization,
 rotary, norms and compiled forward, unchanged) and changes what one step runs:
 
-- every token at k=1: vLLM's forward as it is, compiled as vLLM compiles it;
+- every token at k=1, where vLLM's whole-model graph pays for itself (CUDA graphs, or
+  no compilation at all): vLLM's forward as it is, compiled as vLLM compiles it;
 - otherwise: vLLM's decoder forward, run eagerly over another layer list (prelude
-  segment, `LoopedBlock`, coda segment; `_LoopedDecoder`). The decoder still embeds,
+  segment, `LoopedBlock`, coda segment; `_LoopedDecoder`). On vLLM's CPU default
+  (trace-once, no CUDA graphs) k=1 steps run this way too: the segments compile anyway
+  for looped steps, so vLLM's graph of the same layers is never compiled (start-up,
+  RESULTS 7). The decoder still embeds,
   scales and norms its own way; `LoopedBlock` runs the block's layers k times per
   token, k per request (`loop_passes.py`); the segments compile as vLLM compiles
   models (`loop_segments.py`). What a step loops is read from its `LoopContext`.
@@ -85,6 +89,12 @@ class LoopedCausalLM:
             # attention, whose rows change every step, must be a split point too.
             splitting_ops.append(PASS_ATTENTION_OP)
         self._vllm_config = vllm_config
+        mode = vllm_config.compilation_config.mode
+        self.k1_runs_segments = mode in (
+            CompilationMode.DYNAMO_TRACE_ONCE,
+            CompilationMode.STOCK_TORCH_COMPILE,
+        )
+        self._warmed_up = mode == CompilationMode.NONE or not self.holds_block
         self._looped_decoder: _LoopedDecoder | None = None
 
     def looped_decoder(self) -> _LoopedDecoder:
@@ -97,15 +107,17 @@ class LoopedCausalLM:
             self._looped_decoder = _LoopedDecoder(self)
         return self._looped_decoder
 
-    def needs_warm_up(self) -> bool:
-        """Whether this stage loops, compiles, and no looped step has run yet."""
-        compiles = self._vllm_config.compilation_config.mode != CompilationMode.NONE
-        return compiles and self.holds_block and self._looped_decoder is None
+    def take_warm_up(self) -> bool:
+        """True once, at start-up, where this stage loops and compiles: the runner hook
+        then runs a looped dummy step, so every segment compiles before any request."""
+        warm = self._warmed_up
+        self._warmed_up = True
+        return not warm
 
     def forward(self, input_ids: Any, positions: Any, *args: Any, **kwargs: Any) -> Any:
         context = current_loop_context()
         schedule = context.start(positions.shape[-1], positions.device)
-        if schedule.max_loops == 1 or not self.holds_block:
+        if not self.holds_block or (schedule.max_loops == 1 and not self.k1_runs_segments):
             return super().forward(input_ids, positions, *args, **kwargs)
         # Every family's `*ForCausalLM.forward` is one call of its decoder; called by
         # `forward`, vLLM's decoder runs eagerly (its compiled graph has k=1's layer

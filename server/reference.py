@@ -49,6 +49,21 @@ class UnrolledReference:
             ids = torch.tensor([token_ids])
             return model(input_ids=ids, use_cache=False).logits[0]
 
+    def greedy_choices(
+        self, token_ids: list[int], loops: int, continuation: list[int]
+    ) -> list[int]:
+        """The greedy token after `token_ids` followed by each prefix of `continuation`,
+        from one forward over the whole sequence.
+
+        Equal to `continuation` exactly when `continuation` is the greedy continuation
+        (each choice is made on the prefix the continuation already holds): a served
+        output is checked in one forward rather than one per token.
+        """
+        if not continuation:
+            return []
+        logits = self.logits([*token_ids, *continuation[:-1]], loops)
+        return logits[len(token_ids) - 1 :].argmax(-1).tolist()
+
     def greedy(self, token_ids: list[int], loops: int, max_tokens: int) -> list[int]:
         """Greedy continuation, recomputing the whole sequence for every token."""
         ids = list(token_ids)

@@ -506,7 +506,7 @@ def _wrap_dummy_run(original):
         # compiles and captures is the one k=1 steps take.
         with looping(1):
             out = original(self, num_tokens, *args, **kwargs)
-        if num_tokens >= 2 and model.needs_warm_up():
+        if num_tokens >= 2 and model.take_warm_up():
             # Once more at the deepest loop count, so loopserve's segments compile (or
             # load from vLLM's compile cache) now rather than at the first looped request.
             with looping(model.loop_plan.max_loops):

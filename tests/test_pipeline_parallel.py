@@ -64,7 +64,7 @@ def test_each_depth_equals_oracle(pp2, loops):
     llm, reference = pp2
     [output] = llm.generate([LONG_PROMPT], greedy(loops), use_tqdm=False)
     got = list(output.outputs[0].token_ids)
-    assert got == reference.greedy(list(output.prompt_token_ids), loops, len(got))
+    assert got == reference.greedy_choices(list(output.prompt_token_ids), loops, got)
 
 
 def test_mixed_depth_batch_equals_oracle(pp2):
@@ -73,6 +73,6 @@ def test_mixed_depth_batch_equals_oracle(pp2):
     loops = [1, 3, 2, 3, 2]
     outputs = llm.generate(prompts, [greedy(k) for k in loops], use_tqdm=False)
     got = [list(o.outputs[0].token_ids) for o in outputs]
-    assert got[1] != reference.greedy(list(outputs[1].prompt_token_ids), 1, len(got[1]))
+    assert got[1] != reference.greedy_choices(list(outputs[1].prompt_token_ids), 1, got[1])
     for k, output, tokens in zip(loops, outputs, got, strict=True):
-        assert tokens == reference.greedy(list(output.prompt_token_ids), k, len(tokens)), k
+        assert tokens == reference.greedy_choices(list(output.prompt_token_ids), k, tokens), k

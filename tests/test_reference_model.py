@@ -86,6 +86,20 @@ def test_training_forward_is_the_unrolled_model(reference):
         torch.testing.assert_close(trained, unrolled)
 
 
+def test_one_forward_checks_a_greedy_continuation(reference):
+    """What the engine tests compare with: `greedy_choices` agrees with token-by-token
+    greedy decoding, and a continuation that is not greedy differs from its choices."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(reference_model_path())
+    ids = tokenizer(iterated_map.prompt(3, 2)).input_ids
+    for loops in (1, 3):
+        want = reference.greedy(ids, loops, 4)
+        assert reference.greedy_choices(ids, loops, want) == want
+        wrong = [*want[:2], (want[2] + 1) % len(tokenizer), want[3]]
+        assert reference.greedy_choices(ids, loops, wrong) != wrong
+
+
 # ---------------------------------------------------------------- through the HTTP server
 
 

@@ -62,7 +62,7 @@ def test_tp2_mixed_batch_equals_oracle(tp2):
     outputs = llm.generate(prompts, [greedy(k) for k in loops], use_tqdm=False)
     for k, output in zip(loops, outputs, strict=True):
         got = list(output.outputs[0].token_ids)
-        assert got == reference.greedy(list(output.prompt_token_ids), k, len(got)), (
+        assert got == reference.greedy_choices(list(output.prompt_token_ids), k, got), (
             k,
             output.prompt,
         )
