@@ -1,10 +1,11 @@
 """The block's passes: each block layer's own forward, k times per token, k per request.
 
-Pass 1 is the block as vLLM runs it, on every row. Pass p >= 2 runs on the rows whose
+Pass 1 is the block as vLLM runs it, on every row, in one segment with the layers
+before the block. Pass p >= 2 runs on the rows whose
 request asked for at least p passes (`LoopSchedule`): their projections, norms and MLP
 see only those rows, through copies of the block's layers (`layer_for_pass`: same
 weights) whose attention is a `PassAttention` (one KV plane per pass, picked at run
-time). Pass 1 is one segment and passes 2..K share another (`loop_segments`). Rows that
+time). Passes 2..K share one segment (`loop_segments`). Rows that
 finished keep the output of their last pass, which is what the layers after the block
 receive.
 
@@ -161,12 +162,14 @@ class _Prenormed(nn.Module):
 
 
 class LoopedBlock:
-    """Stands in for the block's first layer in a looped step and runs the whole block.
+    """Stands in for the first of `prelude + layers` in a step and runs them all, the
+    block's layers k times per token.
 
     Called like a vLLM decoder layer, `(positions, hidden_states, residual, **kwargs) ->
     (hidden_states, residual)`, inside a step whose `LoopContext` holds the schedule.
-    Pass 1 runs the block's own layers, passes 2..K their `layer_for_pass` copies, each
-    as one segment (`make_segment`: compiled or eager, as the engine runs models).
+    Pass 1 runs the prelude and the block's own layers, passes 2..K the block layers'
+    `layer_for_pass` copies, each as one segment (`make_segment`: compiled or eager, as
+    the engine runs models).
     """
 
     def __init__(
@@ -174,6 +177,7 @@ class LoopedBlock:
         layers: list[nn.Module],
         attentions: list[PassAttention],
         make_segment: Callable[[str, list[nn.Module]], LayerCall],
+        prelude: list[nn.Module],
     ) -> None:
         entry = layers[0]
         norm = getattr(entry, "input_layernorm", None)
@@ -188,7 +192,7 @@ class LoopedBlock:
             else None
         )
         prenormed = self.fused_entry is not None
-        self.first_pass = make_segment("LoopFirstPass", layers)
+        self.first_pass = make_segment("LoopFirstPass", [*prelude, *layers])
         self.later_pass = make_segment(
             "LoopLaterPass",
             [

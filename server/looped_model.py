@@ -6,8 +6,8 @@ rotary, norms and compiled forward, unchanged) and changes what one step runs:
 
 - every token at k=1, where vLLM's whole-model graph pays for itself (CUDA graphs, or
   no compilation at all): vLLM's forward as it is, compiled as vLLM compiles it;
-- otherwise: vLLM's decoder forward, run eagerly over another layer list (prelude
-  segment, `LoopedBlock`, coda segment; `_LoopedDecoder`). On vLLM's CPU default
+- otherwise: vLLM's decoder forward, run eagerly over another layer list (`LoopedBlock`
+  for the prelude and the block, coda segment; `_LoopedDecoder`). On vLLM's CPU default
   (trace-once, no CUDA graphs) k=1 steps run this way too: the segments compile anyway
   for looped steps, so vLLM's graph of the same layers is never compiled (start-up,
   RESULTS 7). The decoder still embeds,
@@ -131,10 +131,10 @@ class _LoopedDecoder:
 
     Each family's decoder forward embeds, scales, hands over between pipeline stages
     and norms its own way, then calls `self.layers[start:end]` in order; driving that
-    forward on `view` (the decoder with this stage's prelude segment, `LoopedBlock`,
-    coda segment as its layers, pass-throughs keeping the list's length) keeps all of
-    that vLLM's, and writes nothing on the decoder. Entries outside this stage stay
-    vLLM's placeholders (the decoder never calls them).
+    forward on `view` (the decoder with this stage's `LoopedBlock`, which runs the
+    prelude with pass 1, and coda segment as its layers, pass-throughs keeping the
+    list's length) keeps all of that vLLM's, and writes nothing on the decoder. Entries
+    outside this stage stay vLLM's placeholders (the decoder never calls them).
     """
 
     def __init__(self, model: LoopedCausalLM) -> None:
@@ -144,19 +144,18 @@ class _LoopedDecoder:
         def segment(role: str, run: list[nn.Module]) -> Any:
             return make_segment(role, run, model._vllm_config)
 
-        self.block = LoopedBlock(layers[plan.start : plan.end], list(model.loop_attention), segment)
         prelude, coda = layers[first : plan.start], layers[plan.end : last]
-        head = [segment("LoopPrelude", prelude)] if prelude else []
+        self.block = LoopedBlock(
+            layers[plan.start : plan.end], list(model.loop_attention), segment, prelude
+        )
         tail = [segment("LoopCoda", coda)] if coda else []
-        self.segments = [*head, self.block.first_pass, self.block.later_pass, *tail]
+        self.segments = [self.block.first_pass, self.block.later_pass, *tail]
         self.view = vllm_hooks.decoder_with_layers(
             model.model,
             [
                 *layers[:first],
-                *head,
-                *[_pass_through] * (len(prelude) - len(head)),
                 self.block,
-                *[_pass_through] * (plan.block_size - 1),
+                *[_pass_through] * (len(prelude) + plan.block_size - 1),
                 *tail,
                 *[_pass_through] * (len(coda) - len(tail)),
                 *layers[last:],

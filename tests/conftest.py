@@ -109,16 +109,6 @@ def compiled_segments(model) -> list[str]:
     ]
 
 
-def cache_loaded_segments(model) -> list[str]:
-    """loopserve's segments loaded from vLLM's compile cache at start-up (worker side)."""
-    decoder = model._looped_decoder
-    return [
-        type(segment).__name__
-        for segment in (decoder.segments if decoder is not None else [])
-        if getattr(segment, "was_aot_compile_fn_loaded_from_disk", False)
-    ]
-
-
 @contextlib.contextmanager
 def one_core_per_rank():
     """vLLM's CPU workers bind to core 0 by default; two ranks get a core each."""
