@@ -1,13 +1,12 @@
 """The block's passes: each block layer's own forward, k times per token, k per request.
 
 Pass 1 is the block as vLLM runs it, on every row, in one segment with the layers
-before the block. Pass p >= 2 runs on the rows whose
-request asked for at least p passes (`LoopSchedule`): their projections, norms and MLP
-see only those rows, through copies of the block's layers (`layer_for_pass`: same
-weights) whose attention is a `PassAttention` (one KV plane per pass, picked at run
-time). Passes 2..K share one segment (`loop_segments`). Rows that
-finished keep the output of their last pass, which is what the layers after the block
-receive.
+before the block. Pass p >= 2 runs on the rows whose request asked for at least p
+passes (`LoopSchedule`): their projections, norms and MLP see only those rows, through
+copies of the block's layers (`layer_for_pass`: same weights) whose attention is a
+`PassAttention` (one KV plane per pass, picked at run time). Passes 2..K share one
+segment (`loop_segments`). Rows that finished keep the output of their last pass,
+which is what the layers after the block receive.
 
 Hand-over between passes, two exact paths:
 - where the fused loop step runs (Triton: CUDA) and the block's entry norm is exactly
