@@ -3,7 +3,7 @@
 Same offline load as `engine_throughput` (default batch 16, 64 in / 64 out, vLLM's
 defaults). In the worker, loopserve's pieces are wrapped with wall-clock timers, which
 measure cost on the CPU, where every op runs synchronously:
-compiled segments (prelude with pass 1, passes 2..K, coda), vLLM's attention kernel
+compiled segments (prelude, block: every pass, coda), vLLM's attention kernel
 (every layer and pass; a pass's planes see only the requests that run it),
 the loop step, the rest of the model's forward (embedding, final norm, row gathers),
 and the rest of the engine step (sampling, scheduling, inputs). Times are exclusive:
@@ -30,8 +30,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 PIECES = (
-    "prelude + pass 1 segment",
-    "passes 2..K segment",
+    "prelude segment",
+    "block segment (every pass)",
     "coda segment",
     "attention kernel",
     "loop step",
@@ -83,11 +83,11 @@ def _instrument(model: Any) -> None:
     model.forward = counted_forward
     block = decoder.block
     layers = decoder.view.layers
+    names = {"LoopPrelude": "prelude segment", "LoopCoda": "coda segment"}
     for i, layer in enumerate(layers):
         if layer in decoder.segments:
-            layers[i] = timers.wrap("coda segment", layer)
-    block.first_pass = timers.wrap("prelude + pass 1 segment", block.first_pass)
-    block.later_pass = timers.wrap("passes 2..K segment", block.later_pass)
+            layers[i] = timers.wrap(names[type(layer).__name__], layer)
+    block.segment = timers.wrap("block segment (every pass)", block.segment)
     loop_passes.loop_step_triton = timers.wrap("loop step", loop_passes.loop_step_triton)
     impls = {id(m.impl): m.impl for m in model.modules() if isinstance(m, Attention)}
     for impl in impls.values():

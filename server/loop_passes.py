@@ -1,19 +1,19 @@
 """The block's passes: each block layer's own forward, k times per token, k per request.
 
-Pass 1 is the block as vLLM runs it, on every row, in one segment with the layers
-before the block. Pass p >= 2 runs on the rows whose request asked for at least p
-passes (`LoopSchedule`): their projections, norms and MLP see only those rows, through
+Pass p runs on the rows whose request asked for at least p passes (`LoopSchedule`;
+pass 1 on every row): their projections, norms and MLP see only those rows, through
 copies of the block's layers (`layer_for_pass`: same weights) whose attention is a
-`PassAttention` (one KV plane per pass, picked at run time). Passes 2..K share one
-segment (`loop_segments`). Rows that finished keep the output of their last pass,
-which is what the layers after the block receive.
+`PassAttention` (the layer's own attention in pass 1, one KV plane per later pass,
+picked at run time). Every pass runs the same segment (`loop_segments`), so the block
+compiles once whatever `--max-loops`. Rows that finished keep the output of their last
+pass, which is what the layers after the block receive.
 
 Hand-over between passes, two exact paths:
 - where the fused loop step runs (Triton: CUDA) and the block's entry norm is exactly
   vLLM's `RMSNorm` (Llama, Mistral, Qwen2, Qwen3, Phi-3): one kernel
   (`loopserve.kernels.loop_step`: residual add, RMSNorm, compaction of the continuing
-  rows, write-back of the finished ones) computes the next pass's normed input, and the
-  entry norm is bypassed for that pass;
+  rows, write-back of the finished ones) computes the next pass's normed input, so the
+  segment's entry norm is bypassed and pass 1's runs before it;
 - otherwise (CPU; Gemma-2/3's `(1 + w)` norms): the continuing rows' (hidden, residual)
   pair is gathered and the layer applies its own entry norm.
 """
@@ -76,19 +76,22 @@ def _plane_kv_spec(base: Attention, loop_pass: int, vllm_config: Any) -> PassAtt
 
 
 class PassAttention(nn.Module):
-    """Where a block layer's attention sits in passes p >= 2: the plane of the running pass.
+    """Where a block layer's attention sits in its passes: the running pass's attention.
 
-    One module serves every later pass (so one compiled graph does): it calls
+    One module serves every pass (so one compiled graph does): it calls
     `loopserve::pass_attention`, an op opaque to the compiler, with the names of the
-    layer's planes for passes 2..K, and the op picks the running pass's plane and rows
-    from the step's `LoopContext`.
+    layer's own attention (pass 1) and of its planes for passes 2..K, and the op picks
+    the running pass's attention from the step's `LoopContext`.
     """
 
-    def __init__(self, planes: list[Attention]) -> None:
+    def __init__(self, layer: nn.Module, planes: list[Attention]) -> None:
         super().__init__()
+        # Registered here so vLLM's post-load processing reaches them; the layer's own
+        # attention already is, as the layer's submodule.
         self.planes = nn.ModuleList(planes)
+        _, own = _attention_path(layer)
         # Custom ops take no list of strings: the names travel comma-joined.
-        self.plane_names = ",".join(plane.layer_name for plane in planes)
+        self.plane_names = ",".join(a.layer_name for a in [own, *planes])
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs):
         if kwargs:
@@ -103,22 +106,22 @@ PASS_ATTENTION_OP = "loopserve::pass_attention"
 def pass_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plane_names: str
 ) -> torch.Tensor:
-    """The running pass's attention through its plane, on that pass's rows.
+    """The running pass's attention, on that pass's rows.
 
-    vLLM built each plane's attention metadata and slot mapping for the requests that
-    run its pass only (the engine hooks narrow them per step), so the rows given here
-    are the whole batch the plane sees: the other requests cost it nothing and write
-    nothing.
+    Pass 1 is the layer's own attention over the whole batch. vLLM built each later
+    plane's attention metadata and slot mapping for the requests that run its pass only
+    (the engine hooks narrow them per step), so the rows given here are the whole batch
+    the plane sees: the other requests cost it nothing and write nothing.
     """
     context = current_loop_context()
-    assert context.schedule is not None and context.pass_index >= 2, "runs in a looped step"
-    plane = vllm_hooks.attention_layer(_split_names(plane_names)[context.pass_index - 2])
-    return plane(query, key, value)
+    assert context.schedule is not None, "runs in a looped step"
+    attention = vllm_hooks.attention_layer(_split_names(plane_names)[context.pass_index - 1])
+    return attention(query, key, value)
 
 
 @functools.cache
 def _split_names(plane_names: str) -> tuple[str, ...]:
-    """The plane names of one block layer, split once rather than at every call."""
+    """The attention names of one block layer, split once rather than at every call."""
     return tuple(plane_names.split(","))
 
 
@@ -129,7 +132,7 @@ def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plane_names: 
 
 
 def layer_for_pass(layer: nn.Module, attention: PassAttention, prenormed: bool) -> nn.Module:
-    """The layer as pass p >= 2 runs it: same modules and weights, that pass's attention.
+    """The layer as its passes run it: same modules and weights, the pass's attention.
 
     Only the modules on the path to the attention (and the layer itself) are copied;
     everything else, parameters included, is the layer's own.
@@ -161,14 +164,13 @@ class _Prenormed(nn.Module):
 
 
 class LoopedBlock:
-    """Stands in for the first of `prelude + layers` in a step and runs them all, the
-    block's layers k times per token.
+    """Stands in for the block's first layer in a step and runs the block's layers k
+    times per token.
 
     Called like a vLLM decoder layer, `(positions, hidden_states, residual, **kwargs) ->
     (hidden_states, residual)`, inside a step whose `LoopContext` holds the schedule.
-    Pass 1 runs the prelude and the block's own layers, passes 2..K the block layers'
-    `layer_for_pass` copies, each as one segment (`make_segment`: compiled or eager, as
-    the engine runs models).
+    Every pass runs the block layers' `layer_for_pass` copies as one segment
+    (`make_segment`: compiled or eager, as the engine runs models).
     """
 
     def __init__(
@@ -176,7 +178,6 @@ class LoopedBlock:
         layers: list[nn.Module],
         attentions: list[PassAttention],
         make_segment: Callable[[str, list[nn.Module]], LayerCall],
-        prelude: list[nn.Module],
     ) -> None:
         entry = layers[0]
         norm = getattr(entry, "input_layernorm", None)
@@ -191,9 +192,8 @@ class LoopedBlock:
             else None
         )
         prenormed = self.fused_entry is not None
-        self.first_pass = make_segment("LoopFirstPass", [*prelude, *layers])
-        self.later_pass = make_segment(
-            "LoopLaterPass",
+        self.segment = make_segment(
+            "LoopBlock",
             [
                 layer_for_pass(layer, attention, prenormed and i == 0)
                 for i, (layer, attention) in enumerate(zip(layers, attentions, strict=True))
@@ -210,17 +210,21 @@ class LoopedBlock:
         context = current_loop_context()
         schedule = context.schedule
         assert schedule is not None, "LoopedBlock runs only inside a looped forward"
-        if schedule.max_loops == 1:
-            return self.first_pass(positions, hidden_states, residual, **kwargs)
         fused = self.fused_entry
-        out: tuple[torch.Tensor, torch.Tensor] | None = None
         h, r = hidden_states, residual
+        if fused is not None:  # the segment's entry norm is bypassed: pass 1's runs here
+            h, r = (fused(h), h) if r is None else fused(h, r)
+        context.pass_index = 1
+        if schedule.max_loops == 1:
+            return self.segment(positions, h, r, **kwargs)
+        out: tuple[torch.Tensor, torch.Tensor] | None = None
         for p in range(schedule.max_loops):
             full = schedule.full_pass[p]
             rows = schedule.pass_rows[p]
             context.pass_index = p + 1
-            segment = self.first_pass if p == 0 else self.later_pass
-            h, r = segment(positions if full else positions.index_select(-1, rows), h, r, **kwargs)
+            h, r = self.segment(
+                positions if full else positions.index_select(-1, rows), h, r, **kwargs
+            )
             num_rows, num_next = rows.shape[0], schedule.num_next[p]
             if full and num_next == 0:
                 return h, r  # every row stops here: the pair already is the coda's input

@@ -1,4 +1,4 @@
-"""Compiled segments of a looped step: the prelude with pass 1, passes 2..K, the coda.
+"""Compiled segments of a looped step: the prelude, the block (every pass), the coda.
 
 vLLM compiles a model's forward as one traced graph, which fixes the order of its
 layers; a looped step's order depends on its batch (how many passes, which rows run
@@ -9,12 +9,12 @@ with the engine's backend and options, is saved to and loaded from vLLM's compil
 cache, and runs eagerly under `--enforce-eager`. The pass loop, row gathers and
 hand-over run in Python between segments.
 
-Three graphs, whatever `--max-loops`: the layers before the block run with the block's
-pass 1 as one segment (every row runs both, so one graph serves them; fewer graphs
-compile faster at start-up); passes 2..K are one module whose pass attention picks its
-plane at run time; the coda is the third. Each role is its own class because vLLM keys
-a cached artifact by the forward's qualified name and the engine's config, and the
-roles hold different layers.
+Three graphs, whatever `--max-loops`, over the model's own layers once each (as many
+layers as vLLM's one graph traces): the layers before the block, the block, whose pass
+attention picks the running pass's attention at run time so that every pass runs one
+graph, and the coda. Each role is its own class because vLLM keys a cached artifact by
+the forward's qualified name and the engine's config, and the roles hold different
+layers.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from vllm.config import set_current_vllm_config
 # (hidden_states, residual). Segments and `LoopedBlock` are called the same way.
 LayerCall = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
-ROLES = ("LoopFirstPass", "LoopLaterPass", "LoopCoda")
+ROLES = ("LoopPrelude", "LoopBlock", "LoopCoda")
 
 # Rows vary per step (and per pass): the token dimension is dynamic in every segment.
 DYNAMIC_DIMS = {"positions": -1, "hidden_states": 0, "residual": 0}

@@ -6,14 +6,14 @@ rotary, norms and compiled forward, unchanged) and changes what one step runs:
 
 - every token at k=1, where vLLM's whole-model graph pays for itself (CUDA graphs, or
   no compilation at all): vLLM's forward as it is, compiled as vLLM compiles it;
-- otherwise: vLLM's decoder forward, run eagerly over another layer list (`LoopedBlock`
-  for the prelude and the block, coda segment; `_LoopedDecoder`). On vLLM's CPU default
+- otherwise: vLLM's decoder forward, run eagerly over another layer list (prelude
+  segment, `LoopedBlock`, coda segment; `_LoopedDecoder`). On vLLM's CPU default
   (trace-once, no CUDA graphs) k=1 steps run this way too: the segments compile anyway
   for looped steps, so vLLM's graph of the same layers is never compiled (start-up,
-  RESULTS 7). The decoder still embeds,
-  scales and norms its own way; `LoopedBlock` runs the block's layers k times per
-  token, k per request (`loop_passes.py`); the segments compile as vLLM compiles
-  models (`loop_segments.py`). What a step loops is read from its `LoopContext`.
+  RESULTS 7). The decoder still embeds, scales and norms its own way; `LoopedBlock`
+  runs the block's layers k times per token, k per request (`loop_passes.py`); the
+  segments compile as vLLM compiles models (`loop_segments.py`). What a step loops is
+  read from its `LoopContext`.
 
 Exactness with the unrolled model needs one KV plane per executed (layer, pass): pass
 p >= 2 of block layer i attends through a copy of that layer's own `Attention`,
@@ -65,15 +65,16 @@ class LoopedCausalLM:
         self.holds_block = first <= plan.start and plan.end <= last
         block = layers[plan.start : plan.end] if self.holds_block else []
         vllm_hooks.check_model_surface(self.model, block)
-        # One per block layer, holding its planes for passes 2..K. Registered as
-        # submodules, so vLLM's post-load processing (KV-cache scales included) runs on
-        # every plane as on the layer's own attention.
+        # One per block layer: its own attention (pass 1) and its planes for passes
+        # 2..K, registered as submodules so vLLM's post-load processing (KV-cache
+        # scales included) runs on every plane as on the layer's own attention.
         self.loop_attention = nn.ModuleList(
             PassAttention(
+                layer,
                 [
                     attention_plane(layer, p, (p - 1) * plan.num_layers + index, vllm_config)
                     for p in range(2, plan.max_loops + 1)
-                ]
+                ],
             )
             for index, layer in enumerate(block, start=plan.start)
         )
@@ -100,8 +101,8 @@ class LoopedCausalLM:
     def looped_decoder(self) -> _LoopedDecoder:
         """The decoder as looped steps run it; built at the first looped dummy run.
 
-        Built after vLLM has loaded and post-processed the weights, which the layer
-        copies of passes 2..K share.
+        Built after vLLM has loaded and post-processed the weights, which the block
+        layers' pass copies share.
         """
         if self._looped_decoder is None:
             self._looped_decoder = _LoopedDecoder(self)
@@ -131,10 +132,10 @@ class _LoopedDecoder:
 
     Each family's decoder forward embeds, scales, hands over between pipeline stages
     and norms its own way, then calls `self.layers[start:end]` in order; driving that
-    forward on `view` (the decoder with this stage's `LoopedBlock`, which runs the
-    prelude with pass 1, and coda segment as its layers, pass-throughs keeping the
-    list's length) keeps all of that vLLM's, and writes nothing on the decoder. Entries
-    outside this stage stay vLLM's placeholders (the decoder never calls them).
+    forward on `view` (the decoder with this stage's prelude segment, `LoopedBlock` and
+    coda segment as its layers, pass-throughs keeping the list's length) keeps all of
+    that vLLM's, and writes nothing on the decoder. Entries outside this stage stay
+    vLLM's placeholders (the decoder never calls them).
     """
 
     def __init__(self, model: LoopedCausalLM) -> None:
@@ -144,20 +145,22 @@ class _LoopedDecoder:
         def segment(role: str, run: list[nn.Module]) -> Any:
             return make_segment(role, run, model._vllm_config)
 
-        prelude, coda = layers[first : plan.start], layers[plan.end : last]
-        self.block = LoopedBlock(
-            layers[plan.start : plan.end], list(model.loop_attention), segment, prelude
-        )
-        tail = [segment("LoopCoda", coda)] if coda else []
-        self.segments = [self.block.first_pass, self.block.later_pass, *tail]
+        def runs_as(role: str, run: list[nn.Module]) -> list[Any]:
+            """`run`'s entries in the view: its segment, then pass-throughs."""
+            return [segment(role, run), *[_pass_through] * (len(run) - 1)] if run else []
+
+        self.block = LoopedBlock(layers[plan.start : plan.end], list(model.loop_attention), segment)
+        head = runs_as("LoopPrelude", layers[first : plan.start])
+        tail = runs_as("LoopCoda", layers[plan.end : last])
+        self.segments = [*head[:1], self.block.segment, *tail[:1]]
         self.view = vllm_hooks.decoder_with_layers(
             model.model,
             [
                 *layers[:first],
+                *head,
                 self.block,
-                *[_pass_through] * (len(prelude) + plan.block_size - 1),
+                *[_pass_through] * (plan.block_size - 1),
                 *tail,
-                *[_pass_through] * (len(coda) - len(tail)),
                 *layers[last:],
             ],
         )

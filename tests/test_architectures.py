@@ -128,6 +128,6 @@ def test_looped_steps_run_compiled_segments_when_compiling(family):
     architecture, _, looped, _ = family
     looped.generate(PROMPTS[:1], greedy(2, max_tokens=2), use_tqdm=False)
     [segments] = looped.apply_model(compiled_segments)
-    # prelude with pass 1, passes 2..K (one graph), coda
-    expected = ["LoopFirstPass", "LoopLaterPass", "LoopCoda"]
+    # prelude, block (every pass, one graph), coda
+    expected = ["LoopPrelude", "LoopBlock", "LoopCoda"]
     assert segments == (expected if architecture in COMPILED else [])

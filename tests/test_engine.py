@@ -151,7 +151,7 @@ def _remove_count(model) -> None:
     model.loopserve_hook.remove()
 
 
-SEGMENTS = ["LoopFirstPass", "LoopLaterPass", "LoopCoda"]
+SEGMENTS = ["LoopPrelude", "LoopBlock", "LoopCoda"]
 
 
 def _vllm_graph_compiled(model) -> bool:
@@ -161,11 +161,11 @@ def _vllm_graph_compiled(model) -> bool:
 def test_steps_run_compiled(looped):
     """Every step runs the segments compiled at start-up; vLLM's graph never compiles.
 
-    Three segments (prelude with pass 1, passes 2..K, coda) whatever `--max-loops` (4 here),
+    Three segments (prelude, block: every pass, coda) whatever `--max-loops` (4 here),
     compiled by the warm-up before any request, and no Python-level layer call in any
     later step, whatever the batch (one row included). On the CPU (trace-once, no CUDA
-    graphs) k=1 steps run the first and last segments too, so vLLM's whole-model graph,
-    the same layers again, is never compiled.
+    graphs) k=1 steps run the segments too, so vLLM's whole-model graph, the same
+    layers again, is never compiled.
     """
     [before] = looped.apply_model(compiled_segments)
     looped.apply_model(_count_prelude_calls)
